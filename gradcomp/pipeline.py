@@ -73,6 +73,9 @@ class GradientSync:
         self._stats = {"bytes_sent": 0, "bytes_dense": 0, "bytes_meta": 0}
         self._buckets: list[_Bucket] = []
         self._checked = False
+        # A transport that accepts donation also hands back private results (comm/base.py), so a
+        # decoded average that is a view of one (`none`) is scaled in place: no copy of the gradients.
+        self._donate = bool(getattr(self.comm, "accepts_donation", False))
 
     # ------------------------------------------------------------------ configuration
     def fingerprint(self, named_shapes: dict) -> dict:
@@ -163,7 +166,10 @@ class GradientSync:
                     groups.setdefault(b.dtype(p), []).append((e, i, p))
             for dt, items in groups.items():
                 fused = b.cat([p for _, _, p in items]) if len(items) > 1 else b.flatten(items[0][2])
-                h = self.comm.allreduce(fused, name=f"{tag}.{dt}")
+                if len(items) > 1 and self._donate:     # our own concatenation: summed in place
+                    h = self.comm.allreduce(fused, name=f"{tag}.{dt}", donate=True)
+                else:
+                    h = self.comm.allreduce(fused, name=f"{tag}.{dt}")
                 bucket.handles.append(("allreduce", h, [(e, i, b.numel(p)) for e, i, p in items]))
         else:
             arrays = [(e, i, p) for e in entries for i, p in enumerate(e.payload)]
@@ -242,7 +248,9 @@ class GradientSync:
                         continue
                     if comp.summable:
                         avg = comp.decompress(e.reduced, e.info, e.ctx)
-                        avg = avg * (1.0 / e.ctx.size) if e.ctx.size > 1 else avg
+                        if e.ctx.size > 1:
+                            mine = self._donate and any(b.shares_memory(avg, r) for r in e.reduced)
+                            avg = b.scale_(avg, 1.0 / e.ctx.size) if mine else avg * (1.0 / e.ctx.size)
                     else:
                         avg = comp.aggregate(e.gathered, e.info, e.ctx)
                     local = comp.decompress(e.payload, e.info, e.ctx) if self.memory.needs_local_decode else None

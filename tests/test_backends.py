@@ -69,6 +69,9 @@ def test_elementwise_reductions_and_layout_agree(fw):
     bad = g.copy()
     bad[[3, 9]] = [np.nan, -np.inf]
     assert float(to_np(fw.count_nonfinite(_put(fw.name, bad)))) == 2.0
+    huge = np.full(8, 3e38, np.float32)          # finite values whose sum overflows: still 0 non-finite
+    assert float(to_np(fw.count_nonfinite(_put(fw.name, huge)))) == 0.0
+    assert float(to_np(fw.count_nonfinite(_put(fw.name, np.array([np.inf, -np.inf], np.float32))))) == 2.0
     pos = np.abs(g) * 50                         # float -> uint8 of negatives is platform-defined
     for dt in ("float16", "bfloat16", "float64", "int32", "uint8"):
         src = pos if dt == "uint8" else g

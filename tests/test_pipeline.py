@@ -247,3 +247,72 @@ def test_gradient_changing_between_float32_and_float64_raises_a_clear_error():
     restored.load_state_dict(sync.state_dict())
     with pytest.raises(ValueError, match="changed dtype"):
         restored.step({"w": np.ones(4, np.float64)})
+
+
+# --------------------------------------------------------------------------- donation (no copies)
+class _Donating(gradcomp.Communicator):
+    """A LocalWorld rank that declares the transport contract of comm/base.py (its results are
+    private) and records what it was donated."""
+
+    accepts_donation = True
+
+    def __init__(self, inner):
+        self.inner, self.rank, self.size, self.local_rank = inner, inner.rank, inner.size, inner.local_rank
+        self.donated = []
+
+    def allreduce(self, x, *, name="", donate=False):
+        if donate:
+            self.donated.append(x)
+        return self.inner.allreduce(x, name=name)
+
+    def allgather(self, x, *, name=""):
+        return self.inner.allgather(x, name=name)
+
+    def broadcast(self, x, *, root=0, name=""):
+        return self.inner.broadcast(x, root=root, name=name)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("spec", ["none", "fp16", "topk:ratio=0.3", "randproj:ratio=4"])
+def test_donating_transport_gives_the_same_averages_and_leaves_gradients_alone(backend, spec):
+    """Only the pipeline's own concatenations are donated; a `none` average is scaled in place in the
+    transport's private result; results equal those of a plain transport, inputs stay untouched."""
+    need_backend(backend)
+
+    def fn(comm):
+        rng = np.random.default_rng([5, comm.rank])
+        grads = _grads(rng, backend=backend)
+        kept = _np_out(grads)
+        outs = []
+        for c in (comm, _Donating(comm)):
+            s = _sync(spec, "auto", c)
+            s.start({k: grads[k] for k in ("conv", "bias", "scale")})     # fused: donated
+            s.start({"fc": grads["fc"]})                                 # one tensor: never donated
+            outs.append(_np_out(s.finish()))
+            assert _np_out(grads).keys() == kept.keys()
+            for k in kept:                                               # the caller's gradients
+                np.testing.assert_array_equal(to_np(grads[k]), kept[k], err_msg=k)
+        return outs, len(c.donated)
+
+    for (plain, donating), n in world(2, fn):
+        _assert_same(plain, donating)
+        assert n == (1 if gradcomp.registry.create(spec, "compressor").summable else 0)
+
+
+def test_none_average_is_scaled_in_place_in_the_transports_result():
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch not installed")
+    import torch
+
+    def fn(comm):
+        c = _Donating(comm)
+        s = gradcomp.GradientSync("none", comm=c, seed=0)
+        g = {"a": torch.full((5,), float(comm.rank + 1)), "b": torch.full((3,), 2.0 * (comm.rank + 1))}
+        out = s.step(g)
+        return (len(c.donated), out["a"].untyped_storage().data_ptr() == out["b"].untyped_storage().data_ptr(),
+                out["a"].tolist(), out["b"].tolist())
+
+    for n, shared, a, b in world(2, fn):
+        assert n == 1 and shared, "the averages of a `none` bucket were copied out of the reduced buffer"
+        assert a == [1.5] * 5 and b == [3.0] * 3

@@ -42,6 +42,9 @@ class Backend:
     def slice(self, x, start: int, stop: int): raise NotImplementedError
     def cast(self, x, dtype: str): raise NotImplementedError
     def copy(self, x): raise NotImplementedError
+    # In-place ops, for arrays the caller owns (immutable frameworks return a new array instead).
+    def shares_memory(self, a, b) -> bool: return False
+    def scale_(self, x, factor: float): return x * factor      # x *= factor where possible
     def to_bytes(self, x): raise NotImplementedError           # 1-D uint8 view/copy
     def from_bytes(self, b, dtype: str, shape): raise NotImplementedError
     def transpose(self, x): raise NotImplementedError

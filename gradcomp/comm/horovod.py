@@ -5,7 +5,7 @@
     h = comm.allreduce(x, name="b0")         # hvd.allreduce_async_(copy, op=hvd.Sum)
     total = h.wait()                         # hvd.synchronize(); same type/dtype/device as x
 
-  allreduce   allreduce_async_ (op=Sum) on a private copy; Horovod's fusion buffer and background
+  allreduce   allreduce_async_ (op=Sum) on a private copy (in place on a donated tensor); Horovod's fusion buffer and background
               thread batch it with other pending tensors. Horovod 0.28 cannot sum bfloat16, int8 or
               uint8: those are summed as float32 / int32 and cast back (rounded once to nearest-even,
               integers wrap), so 4 bytes per element travel for them.
@@ -78,6 +78,7 @@ class HorovodCommunicator(Communicator):
     """Communicator over Horovod (horovod.torch). `hvd` may be passed in; it is imported otherwise."""
 
     engine = "horovod"
+    accepts_donation = True
 
     def __init__(self, hvd=None, *, init: bool = True, timeout: float | None = None):
         hvd = self.hvd = hvd if hvd is not None else import_horovod()
@@ -132,7 +133,7 @@ class HorovodCommunicator(Communicator):
         return t, back
 
     # ------------------------------------------------------------------ collectives
-    def allreduce(self, x, *, name=""):
+    def allreduce(self, x, *, name="", donate=False):
         hvd, torch = self.hvd, self.torch
         t, back = self._tensor(x)
         wide = _WIDEN.get(str(t.dtype).replace("torch.", ""))
@@ -140,8 +141,8 @@ class HorovodCommunicator(Communicator):
             orig = t.dtype
             out, back0 = t.to(getattr(torch, wide)), back
             back = lambda r: back0(r.to(orig))     # noqa: E731 - integer sums wrap like the dtype
-        else:
-            out = t.clone()
+        else:                                       # a donated tensor is summed in place
+            out = t if donate and t.data_ptr() == getattr(x, "data_ptr", lambda: None)() else t.clone()
         h = hvd.allreduce_async_(out, op=hvd.Sum, name=self._name(name, "allreduce"))
         return HorovodHandle(hvd, [h], lambda r: back(r), "allreduce", name, self.rank, self.timeout)
 

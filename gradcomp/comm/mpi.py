@@ -344,6 +344,7 @@ class MPICommunicator(Communicator):
     """Communicator over mpi4py. Collective calls must be issued in the same order on every rank."""
 
     engine = "mpi"
+    accepts_donation = True
 
     def __init__(self, comm=None, *, threaded: bool | None = None, timeout: float | None = None,
                  cuda_aware: bool | None = None, progress: str = "block", poll_max: float = 5e-4):
@@ -415,17 +416,19 @@ class MPICommunicator(Communicator):
         return getattr(self.MPI, _MPI_TYPE[dtype])
 
     # ------------------------------------------------------------------ collectives
-    def allreduce(self, x, *, name=""):
+    def allreduce(self, x, *, name="", donate=False):
         v = self._view(x)
         if v.device is not None and v.dtype in _OWN_SUMS:   # our numpy ops cannot read device memory
             v.widen()
         comm, dt, op = self.comm, self._dt(v.dtype), _sum_op(self.MPI, v.dtype)
-        out = v.alloc(v.n, v.dtype)
+        in_place = donate and v.device is None and isinstance(v.buf, np.ndarray) and v.buf.flags.writeable
+        out = v.buf if in_place else v.alloc(v.n, v.dtype)
         v.mark()
 
         def work():
             v.ready()
-            self._complete(comm.Iallreduce([v.buf, dt], [out, dt], op=op))
+            send = self.MPI.IN_PLACE if in_place else [v.buf, dt]
+            self._complete(comm.Iallreduce(send, [out, dt], op=op))
             return out
         return self._issue("allreduce", name, work, v.back)
 

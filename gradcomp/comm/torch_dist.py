@@ -70,6 +70,7 @@ class TorchDistCommunicator(Communicator):
     """Communicator over a torch.distributed process group (default: the world)."""
 
     engine = "torch"
+    accepts_donation = True
 
     def __init__(self, group=None, *, init: bool = False, init_backend: str | None = None,
                  timeout: float | None = None, local_rank: int | None = None):
@@ -142,9 +143,10 @@ class TorchDistCommunicator(Communicator):
                                  dtype=self.torch.int64, device=t.device)
 
     # ------------------------------------------------------------------ collectives
-    def allreduce(self, x, *, name=""):
+    def allreduce(self, x, *, name="", donate=False):
         t, private, back = self._tensor(x)
-        out = t if private else t.clone()
+        torch = self.torch
+        out = t if private or (donate and torch.is_tensor(x) and t.data_ptr() == x.data_ptr()) else t.clone()
         work = self.dist.all_reduce(out, op=self.dist.ReduceOp.SUM, group=self.group, async_op=True)
         return TorchHandle(work, lambda: back(out), "allreduce", name, self.rank, self.timeout)
 

@@ -104,6 +104,30 @@ def check_allreduce(comm):
             ok(np.array_equal(as_np(x), before), f"{what}: input was modified")
 
 
+def check_donation(comm):
+    """allreduce(x, donate=True): the right sum, summed in place into a CPU torch tensor; results of
+    plain allreduce are private (modifying one changes neither the input nor a later result)."""
+    import torch
+    size, rank = comm.size, comm.rank
+    ok(comm.accepts_donation, f"{comm.engine} transport should accept donated buffers")
+    for kind, dt in (("torch", "float32"), ("torch", "float16"), ("torch", "int8"), ("numpy", "float32"),
+                     ("numpy", "float64")):
+        x = make(kind, data(rank, 1000, dt), dt)
+        res = comm.allreduce(x, name=f"donate.{kind}.{dt}", donate=True).wait()
+        total = sum(data(r, 1000, dt) for r in range(size))
+        expect = total.astype(np.int64).astype(dt).astype(np.float64) if dt in INT_DTYPES else \
+            as_np(make(kind, total, dt))
+        ok(np.array_equal(as_np(res), expect), f"donated allreduce {kind} {dt}: wrong sum")
+        if kind == "torch" and dt == "float32":
+            ok(res.data_ptr() == x.data_ptr(), f"{comm.engine}: a donated float32 CPU tensor was copied")
+    x = torch.ones(64)
+    r1 = comm.allreduce(x, name="private.1").wait()
+    r1.mul_(7.0)
+    r2 = comm.allreduce(x, name="private.2").wait()
+    ok(torch.equal(x, torch.ones(64)) and torch.equal(r2, torch.full((64,), float(size))),
+       "modifying an allreduce result changed the input or a later result")
+
+
 def check_allgather(comm):
     size, rank = comm.size, comm.rank
     for kind, dt in kinds_dtypes():
@@ -239,10 +263,19 @@ def check_gradient_sync(comm):
              for k, s in shapes.items()}
         return g if kind == "numpy" else {k: torch.from_numpy(v) for k, v in g.items()}
 
-    # none: exactly the average
-    for kind in ("numpy", "torch"):
+    # none: exactly the average (one bucket of three tensors, then three one-tensor buckets); the
+    # caller's gradients stay as they were although the transport sums and scales in place
+    for kind, split in (("numpy", False), ("torch", False), ("torch", True)):
         sync = gradcomp.GradientSync("none", comm=comm, seed=0)
-        out = sync.step(grads(rank, 0, kind))
+        mine = grads(rank, 0, kind)
+        kept = {k: as_np(v).copy() for k, v in mine.items()}
+        if split:
+            for k, v in mine.items():
+                sync.start({k: v})
+            out = sync.finish()
+        else:
+            out = sync.step(mine)
+        ok(all(np.array_equal(as_np(mine[k]), kept[k]) for k in shapes), f"GradientSync none {kind}: input changed")
         for k in shapes:
             stack = [grads(r, 0, "numpy")[k] for r in range(size)]
             expect = stack[0].copy()
@@ -299,8 +332,8 @@ def main():
         ok(0 <= comm.rank < comm.size and 0 <= comm.local_rank < comm.size, "rank/local_rank out of range")
         ranks = comm.allgather_object({"rank": comm.rank})
         ok([r["rank"] for r in ranks] == list(range(comm.size)), f"ranks {ranks}")
-        checks = (check_allreduce, check_allgather, check_broadcast, check_async, check_mpi_options,
-                  check_errors, check_gradient_sync) + ((check_tf,) if args.tf else ())
+        checks = (check_allreduce, check_donation, check_allgather, check_broadcast, check_async,
+                  check_mpi_options, check_errors, check_gradient_sync) + ((check_tf,) if args.tf else ())
         for i, check in enumerate(checks):
             if i == 1 and comm.rank == args.fail_rank:  # after one round of collectives
                 raise RuntimeError(f"injected failure on rank {comm.rank}")
