@@ -46,6 +46,8 @@ def parse(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--bucket-mb", type=float, default=None, help="gradcomp bucket size (default: its default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    p.add_argument("--mpi-progress", default="auto", choices=("auto", "block", "poll"),
+                   help="progress mode of gradcomp's MPI transport (default auto)")
     p.add_argument("--launch", action="store_true", help="run itself under `mpirun -np NP` (local ranks)")
     p.add_argument("--np", type=int, default=2, help="ranks for --launch (default 2)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds for --launch (default 1800)")
@@ -90,8 +92,7 @@ def make_optimizer(method, model, hvd, a, torch):
     from gradcomp.comm.horovod import HorovodCommunicator
     from gradcomp.comm.mpi import MPICommunicator
     from gradcomp_torch import DistributedOptimizer
-    comm = MPICommunicator(progress=os.environ.get("BENCH_MPI_PROGRESS", "block")) if method == "gradcomp-mpi" \
-        else HorovodCommunicator(hvd)
+    comm = MPICommunicator(progress=a.mpi_progress) if method == "gradcomp-mpi" else HorovodCommunicator(hvd)
     spec = "topk:ratio=0.01" if method == "gradcomp-topk" else "none"
     opt = DistributedOptimizer(base, named_parameters=model.named_parameters(), compressor=spec,
                                memory="auto", comm=comm, bucket_mb=a.bucket_mb, seed=0)
@@ -116,14 +117,15 @@ def run_method(method, a, hvd, torch, data):
             times.append(dt)
     per_rank = torch.tensor(times, dtype=torch.float64)
     worst = hvd.allreduce(per_rank, op=hvd.Max) if hvd.size() > 1 else per_rank
-    sent = None
+    sent, note = None, ""
     if gc is not None:
+        note = getattr(gc.comm, "progress", "")
         st = gc.stats()
         sent = st["bytes_sent"] / max(st["steps"], 1)
         gc.remove_hooks()
     elif method == "horovod":
         sent = 4 * sum(p.numel() for p in model.parameters())
-    return worst.tolist(), sent, float(loss.detach())
+    return worst.tolist(), sent, float(loss.detach()), note
 
 
 def main(argv=None):
@@ -144,10 +146,11 @@ def main(argv=None):
     x = torch.randn(a.batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (a.batch,), generator=g)
     results = {m: [] for m in a.methods}
-    sent, losses = {}, {}
+    sent, losses, notes = {}, {}, {}
     for r in range(a.rounds):
         for m in a.methods:
-            t, sent[m], losses[m] = run_method(m, a, hvd, torch, (x, y))
+            t, sent[m], losses[m], note = run_method(m, a, hvd, torch, (x, y))
+            notes[m] = note
             results[m] += t
             if hvd.rank() == 0:
                 print(f"round {r + 1}/{a.rounds} {LABELS[m]:<28} median {1e3 * statistics.median(t):8.1f} ms",
@@ -156,7 +159,7 @@ def main(argv=None):
         nparams = sum(p.numel() for p in build_model(a.model, torch).parameters())
         print(f"\n{a.model} (10 classes, 3x32x32), {nparams / 1e6:.2f}M parameters, batch {a.batch}/rank, "
               f"{hvd.size()} ranks, {a.threads} thread(s)/rank, {a.rounds} rounds x {a.steps} steps; "
-              f"Horovod {hvd.__version__ if hasattr(hvd, '__version__') else ''} "
+              f"Horovod {__import__('horovod').__version__} "
               f"({'MPI' if hvd.mpi_enabled() and hvd.mpi_built() else 'Gloo'} controller)\n")
         base = statistics.median(results["horovod"]) if "horovod" in results else None
         print("| method | median ms/step | mean ms/step | vs horovod | bytes sent/step/rank | ratio vs dense |")
@@ -168,7 +171,8 @@ def main(argv=None):
             b = sent.get(m)
             bs = f"{b / 1e6:.2f} MB" if b else "-"
             ratio = f"{dense / b:.1f}x" if b else "-"
-            print(f"| {LABELS[m]} | {1e3 * med:.1f} | {1e3 * mean:.1f} | {rel} | {bs} | {ratio} |")
+            label = LABELS[m] + (f" ({notes[m]} progress)" if notes.get(m) else "")
+            print(f"| {label} | {1e3 * med:.1f} | {1e3 * mean:.1f} | {rel} | {bs} | {ratio} |")
     return 0
 
 

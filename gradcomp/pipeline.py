@@ -95,13 +95,18 @@ class GradientSync:
         self.start(named_grads)
         return self.finish()
 
-    def start(self, named_grads: dict):
-        """Compress `named_grads` and issue their collectives; returns immediately."""
+    def start(self, named_grads: dict, *, donate: bool = False):
+        """Compress `named_grads` and issue their collectives; returns immediately.
+
+        donate=True gives the gradient arrays away: a payload that is the gradient itself (`none`
+        without error feedback) is then summed and averaged in place, and finish() returns views of
+        the gradients holding the averages (on any error they hold unspecified values). Without it
+        the gradients are never modified."""
         if not isinstance(named_grads, dict):
             raise TypeError("GradientSync expects a dict {name: gradient array}")
         if not self._checked and self.check_config:
             self.check({k: get_backend(v).shape(v) for k, v in named_grads.items()})
-        entries = [self._prepare(name, g) for name, g in named_grads.items()]
+        entries = [self._prepare(name, g, donate) for name, g in named_grads.items()]
         bucket = _Bucket(entries)
         if self.check_finite and entries:
             b = entries[0].ctx.backend
@@ -110,7 +115,7 @@ class GradientSync:
         self._launch(bucket, [e for e in entries if e.numel_ok])
         self._buckets.append(bucket)
 
-    def _prepare(self, name, g):
+    def _prepare(self, name, g, donate=False):
         b = get_backend(g)
         shape, dtype = tuple(b.shape(g)), b.dtype(g)
         if not b.is_floating(g):
@@ -151,6 +156,10 @@ class GradientSync:
             payload, e.info = self.compressor.compress(b.zeros_like(e.x), self._cst[name], ctx)
         e.payload = _payload_list(payload)
         e.sent_bytes = sum(b.nbytes(p) for p in e.payload)
+        # May the transport sum a payload that is the (flattened) gradient in place? Only if nothing
+        # reads the gradient afterwards and it is ours: donated by the caller, or a private cast copy.
+        e.give = self._donate and self.compressor.rounds == 1 and not self.memory.reads_inputs and \
+            not self.memory.needs_local_decode and (donate or not b.shares_memory(flat, g))
         return e
 
     def _launch(self, bucket, entries):
@@ -165,11 +174,9 @@ class GradientSync:
                 for i, p in enumerate(e.payload):
                     groups.setdefault(b.dtype(p), []).append((e, i, p))
             for dt, items in groups.items():
-                fused = b.cat([p for _, _, p in items]) if len(items) > 1 else b.flatten(items[0][2])
-                if len(items) > 1 and self._donate:     # our own concatenation: summed in place
-                    h = self.comm.allreduce(fused, name=f"{tag}.{dt}", donate=True)
-                else:
-                    h = self.comm.allreduce(fused, name=f"{tag}.{dt}")
+                parts = [b.flatten(p) for _, _, p in items]
+                give = [e.give and b.shares_memory(p, e.g) for (e, _, _), p in zip(items, parts)]
+                h = self.comm.allreduce_group(parts, name=f"{tag}.{dt}", donate=give)
                 bucket.handles.append(("allreduce", h, [(e, i, b.numel(p)) for e, i, p in items]))
         else:
             arrays = [(e, i, p) for e in entries for i, p in enumerate(e.payload)]
@@ -187,9 +194,7 @@ class GradientSync:
         for kind, h, layout in bucket.handles:
             res = h.wait()
             if kind == "allreduce":
-                b = layout[0][0].ctx.backend
-                parts = b.split(res, [n for _, _, n in layout]) if len(layout) > 1 else [res]
-                for (e, i, _), part in zip(layout, parts):
+                for (e, i, _), part in zip(layout, res):
                     if e.reduced is None:
                         e.reduced = [None] * len(e.payload)
                     e.reduced[i] = part

@@ -82,7 +82,7 @@ class DDPHookState:
         fut = torch.futures.Future()
         self.pending.append((bucket.buffer(), grads, names, fut))
         try:
-            gs.start(dict(zip(names, grads)))
+            gs.start(dict(zip(names, grads)), donate=True)     # DDP takes the bucket buffer back anyway
             if bucket.is_last():
                 self._complete(gs)
         except BaseException as e:
@@ -107,7 +107,9 @@ class DDPHookState:
                 off = 0
                 for g, n in zip(grads, names):
                     k = g.numel()
-                    buf[off:off + k].copy_(out[n].reshape(-1).to(buf.dtype))
+                    dst, avg = buf[off:off + k], out[n].reshape(-1)
+                    if not (avg.data_ptr() == dst.data_ptr() and avg.dtype == dst.dtype):
+                        dst.copy_(avg.to(buf.dtype))          # else averaged in the buffer already
                     off += k
             fut.set_result(buf)
 

@@ -209,7 +209,7 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
             named[name] = g.detach()
         self._next = b + 1
         self._launched = True
-        self._gs.start(named)
+        self._gs.start(named, donate=True)      # p.grad receives the average anyway: no copies for `none`
 
     # ------------------------------------------------------------------ synchronize / step
     @torch.no_grad()
@@ -236,8 +236,8 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
                         avg = out[name]
                         if p.grad is None:
                             p.grad = avg.detach().reshape(p.shape).clone()
-                        else:
-                            p.grad.copy_(avg.reshape(p.grad.shape))
+                        elif not (avg.data_ptr() == p.grad.data_ptr() and p.grad.is_contiguous()):
+                            p.grad.copy_(avg.reshape(p.grad.shape))     # else averaged in place already
             self._synced = True
 
     def _agree_finite(self):

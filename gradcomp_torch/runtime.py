@@ -38,6 +38,8 @@ def _init_torch_distributed():
         if use_nccl and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if use_nccl else "gloo")
+        from gradcomp.comm.torch_dist import destroy_at_exit
+        destroy_at_exit(dist)
 
 
 def _init_horovod():

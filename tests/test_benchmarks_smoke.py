@@ -160,3 +160,27 @@ def test_accuracy_smoke(tmp_path):
         _png(tmp_path / f"accuracy_{task}.png")
     curves = _rows(tmp_path / "accuracy_curves.csv")
     assert curves and {c["task"] for c in curves} == set(tasks.split(","))
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(400)
+def test_torch_vs_horovod_smoke():
+    """The head-to-head script runs under mpirun and prints every row; topk 0.01 sends >= 45x fewer
+    bytes than Horovod's dense allreduce (bytes are deterministic; times are not asserted)."""
+    if not shutil.which("mpirun"):
+        pytest.skip("Open MPI's mpirun is not installed")
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        pytest.skip("Horovod is not installed (bash mpi/build_horovod.sh)")
+    cmd = [sys.executable, "benchmarks/torch_vs_horovod.py", "--launch", "--model", "small", "--steps", "1",
+           "--warmup", "1", "--rounds", "1", "--timeout", "300"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=360)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    assert {"compute only", "horovod", "gradcomp[horovod] none", "gradcomp[horovod] topk 0.01"} <= set(rows), rows
+    assert any(k.startswith("gradcomp[mpi] none") for k in rows), rows
+    assert rows["horovod"][2] == "1.000x" and float(rows["gradcomp[horovod] none"][0]) > 0
+    assert rows["gradcomp[horovod] none"][3] == rows["horovod"][3]            # same bytes as Horovod
+    assert float(rows["gradcomp[horovod] topk 0.01"][4].rstrip("x")) >= 45

@@ -251,8 +251,8 @@ def test_gradient_changing_between_float32_and_float64_raises_a_clear_error():
 
 # --------------------------------------------------------------------------- donation (no copies)
 class _Donating(gradcomp.Communicator):
-    """A LocalWorld rank that declares the transport contract of comm/base.py (its results are
-    private) and records what it was donated."""
+    """A LocalWorld rank that keeps the transport contract of comm/base.py (private results, sums
+    donated arrays in place) and records what it was donated."""
 
     accepts_donation = True
 
@@ -261,9 +261,15 @@ class _Donating(gradcomp.Communicator):
         self.donated = []
 
     def allreduce(self, x, *, name="", donate=False):
-        if donate:
-            self.donated.append(x)
-        return self.inner.allreduce(x, name=name)
+        h = self.inner.allreduce(x, name=name)
+        if not donate:
+            return h
+        self.donated.append(x)
+
+        def into_x(total):                  # an in-place transport: the sum lands in the donated array
+            x[...] = total
+            return x
+        return gradcomp.comm.base.ThenHandle(h, into_x)
 
     def allgather(self, x, *, name=""):
         return self.inner.allgather(x, name=name)
@@ -316,3 +322,31 @@ def test_none_average_is_scaled_in_place_in_the_transports_result():
     for n, shared, a, b in world(2, fn):
         assert n == 1 and shared, "the averages of a `none` bucket were copied out of the reduced buffer"
         assert a == [1.5] * 5 and b == [3.0] * 3
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("spec, memory", [("none", "auto"), ("none", "residual"), ("topk:ratio=0.3", "auto"),
+                                          ("fp16", "auto")])
+def test_donated_gradients_hold_the_average_only_where_nothing_reads_them(backend, spec, memory):
+    """start(donate=True) over a donating transport: `none` without memory averages in the caller's
+    arrays themselves (zero copies); with error feedback or lossy payloads the gradients stay intact."""
+    need_backend(backend)
+
+    def fn(comm):
+        rng = np.random.default_rng([7, comm.rank])
+        grads = _grads(rng, backend=backend)
+        kept = _np_out(grads)
+        ref = _np_out(_sync(spec, memory, comm).step(_grads(np.random.default_rng([7, comm.rank]), backend=backend)))
+        s = _sync(spec, memory, _Donating(comm))
+        s.start({k: grads[k] for k in ("conv", "bias")}, donate=True)     # concatenated: a fresh buffer
+        s.start({"fc": grads["fc"]}, donate=True)                         # alone: the gradient itself
+        s.start({"scale": grads["scale"]}, donate=True)
+        out = s.finish()
+        return ref, _np_out(out), _np_out(grads), kept
+
+    for ref, got, after, before in world(2, fn):
+        _assert_same(ref, got)
+        in_place = spec == "none" and memory in ("auto", "none")
+        for k in before:
+            want = got[k] if in_place and k in ("fc", "scale") else before[k]
+            np.testing.assert_array_equal(after[k], want, err_msg=k)

@@ -7,10 +7,13 @@ asynchronously and returns a Handle; `Handle.wait()` returns the result:
   broadcast(x)  -> root's array
 Calls must be issued in the same order on every rank (as with MPI); `name` labels errors.
 
+  allreduce_group(xs) -> list of the sums of several 1-D arrays of one dtype, as one collective
+                   (default: concatenated, one allreduce, split; Horovod: its grouped allreduce)
 Ownership (what lets the pipeline skip copies): a transport with `accepts_donation = True` takes
 `allreduce(x, name=..., donate=True)`, meaning the caller gives `x` away, so the sum may be written
 into it in place; and with size > 1 its allreduce results are always private to the caller (never
-the input nor a buffer it keeps), so the caller may modify them in place.
+the input nor a buffer it keeps) or a donated input, so the caller may modify them in place.
+`allreduce_group(xs, donate=[...])` takes one flag per array.
 """
 from __future__ import annotations
 
@@ -67,6 +70,23 @@ class Communicator:
 
     def broadcast(self, x, *, root: int = 0, name: str = "") -> Handle:
         raise NotImplementedError
+
+    def allreduce_group(self, xs, *, name: str = "", donate=None) -> Handle:
+        """Sum several 1-D arrays of one dtype in one collective; wait() gives the list of sums.
+
+        `donate[i]` gives xs[i] away (see the module docstring). This default concatenates (a fresh
+        array, so it is donated to a transport that takes donations) and splits the result."""
+        from gradcomp.backend import get_backend
+        take = bool(getattr(self, "accepts_donation", False))
+        if len(xs) == 1:
+            if take and donate and donate[0]:
+                return ThenHandle(self.allreduce(xs[0], name=name, donate=True), lambda r: [r])
+            return ThenHandle(self.allreduce(xs[0], name=name), lambda r: [r])
+        b = get_backend(xs[0])
+        sizes = [b.numel(x) for x in xs]
+        fused = b.cat(xs)
+        h = self.allreduce(fused, name=name, donate=True) if take else self.allreduce(fused, name=name)
+        return ThenHandle(h, lambda r: b.split(r, sizes))
 
     def barrier(self):
         import numpy as np

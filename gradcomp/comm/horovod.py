@@ -9,6 +9,8 @@
               thread batch it with other pending tensors. Horovod 0.28 cannot sum bfloat16, int8 or
               uint8: those are summed as float32 / int32 and cast back (rounded once to nearest-even,
               integers wrap), so 4 bytes per element travel for them.
+  allreduce_group  grouped_allreduce_async_ (op=Sum): one group, fused by Horovod's background thread
+              (in place on donated tensors, on private copies otherwise).
   allgather   allgather_async of the data (first dimensions may differ) plus a 2-element
               (count, dtype) allgather issued right beside it, so wait() can split by rank.
   broadcast   broadcast_async_ on a private copy (Horovod requires equal shapes on every rank).
@@ -145,6 +147,21 @@ class HorovodCommunicator(Communicator):
             out = t if donate and t.data_ptr() == getattr(x, "data_ptr", lambda: None)() else t.clone()
         h = hvd.allreduce_async_(out, op=hvd.Sum, name=self._name(name, "allreduce"))
         return HorovodHandle(hvd, [h], lambda r: back(r), "allreduce", name, self.rank, self.timeout)
+
+    def allreduce_group(self, xs, *, name="", donate=None):
+        """Horovod's grouped allreduce: the tensors go to its fusion buffer from its background thread
+        (no concatenation on the caller's thread); donated tensors are summed in place."""
+        hvd = self.hvd
+        if len(xs) < 2 or not all(type(x).__module__.startswith("torch") for x in xs) or \
+                any(str(x.dtype).replace("torch.", "") in _WIDEN for x in xs):
+            return super().allreduce_group(xs, name=name, donate=donate)
+        donate = donate or [False] * len(xs)
+        outs = []
+        for x, give in zip(xs, donate):
+            t, _ = self._tensor(x)
+            outs.append(t if give and t.data_ptr() == x.data_ptr() else t.clone())
+        h = hvd.grouped_allreduce_async_(outs, op=hvd.Sum, name=self._name(name, "allreduce_group"))
+        return HorovodHandle(hvd, [h], lambda r: list(r), "allreduce_group", name, self.rank, self.timeout)
 
     def allgather(self, x, *, name=""):
         hvd, torch = self.hvd, self.torch

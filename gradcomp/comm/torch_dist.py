@@ -17,6 +17,7 @@ Calls must be issued in the same order on every rank, from one thread.
 """
 from __future__ import annotations
 
+import atexit
 import socket
 import time
 
@@ -66,6 +67,18 @@ class TorchHandle(Handle):
         return self._value
 
 
+def destroy_at_exit(dist):
+    """A process group gradcomp created is destroyed at exit: Gloo's threads left running then make
+    the C++ runtime abort ("terminate called without an active exception") once in a few exits."""
+    def _destroy():
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
+    atexit.register(_destroy)
+
+
 class TorchDistCommunicator(Communicator):
     """Communicator over a torch.distributed process group (default: the world)."""
 
@@ -81,6 +94,7 @@ class TorchDistCommunicator(Communicator):
                                    "torch.distributed.init_process_group(...) first (launch with torchrun), "
                                    "or use make_communicator('torch', init=True)")
             dist.init_process_group(init_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+            destroy_at_exit(dist)
         self.group, self.timeout = group, timeout
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         pg = str(dist.get_backend(group)).lower()

@@ -13,6 +13,7 @@ from gradcomp.params import Configurable
 class Memory(Configurable):
     kind = "memory"
     needs_local_decode = True     # does update() use this rank's own decoded payload?
+    reads_inputs = True           # does update() read g or x (so a payload aliasing them must stay intact)?
 
     def init_state(self, x, ctx) -> dict:
         return {}

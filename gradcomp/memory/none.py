@@ -5,6 +5,7 @@ from gradcomp.memory.base import Memory
 class NoMemory(Memory):
     name = "none"
     needs_local_decode = False
+    reads_inputs = False
 
     def compensate(self, g, state, ctx):
         return g

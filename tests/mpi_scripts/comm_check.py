@@ -120,6 +120,22 @@ def check_donation(comm):
         ok(np.array_equal(as_np(res), expect), f"donated allreduce {kind} {dt}: wrong sum")
         if kind == "torch" and dt == "float32":
             ok(res.data_ptr() == x.data_ptr(), f"{comm.engine}: a donated float32 CPU tensor was copied")
+    # allreduce_group: one collective for several tensors; donated ones are summed in place (Horovod's
+    # grouped allreduce) or through a fresh concatenation (others); the rest are never modified
+    for dt in ("float32", "float16", "int8"):
+        xs = [make("torch", data(rank + k, n, dt), dt) for k, n in enumerate((5, 300, 1))]
+        kept = [x.clone() for x in xs]
+        res = comm.allreduce_group(xs, name=f"group.{dt}", donate=[True, False, True]).wait()
+        ok(isinstance(res, list) and len(res) == 3, f"allreduce_group {dt}: expected 3 results")
+        for k, (n, r) in enumerate(zip((5, 300, 1), res)):
+            total = sum(data(q + k, n, dt) for q in range(size))
+            expect = total.astype(np.int64).astype(dt).astype(np.float64) if dt in INT_DTYPES else \
+                as_np(make("torch", total, dt))
+            ok(np.array_equal(as_np(r), expect), f"allreduce_group {dt} part {k}: wrong sum")
+        ok(torch.equal(xs[1], kept[1]), f"allreduce_group {dt}: a tensor that was not donated changed")
+        if comm.engine == "horovod" and dt == "float32":
+            ok(res[0].data_ptr() == xs[0].data_ptr() and res[2].data_ptr() == xs[2].data_ptr(),
+               "Horovod grouped allreduce copied donated tensors")
     x = torch.ones(64)
     r1 = comm.allreduce(x, name="private.1").wait()
     r1.mul_(7.0)
@@ -189,8 +205,11 @@ def check_mpi_options(comm):
     """MPI only: progress="poll" and the synchronous (unthreaded) mode give the same results."""
     if comm.engine != "mpi":
         return
-    from gradcomp.comm.mpi import MPICommunicator
+    from gradcomp.comm.mpi import MPICommunicator, cores_per_rank
     size, rank = comm.size, comm.rank
+    want = "block" if cores_per_rank(comm.local_size) >= 2 else "poll"
+    ok(comm.progress == want, f"progress 'auto' chose {comm.progress!r} with {cores_per_rank(comm.local_size)} "
+                              "core(s) per local rank")
     for kw in ({"progress": "poll"}, {"threaded": False}):
         c = MPICommunicator(timeout=60, **kw)
         ok(c.threaded == kw.get("threaded", True) and c.local_rank == comm.local_rank, f"{kw}: settings")
@@ -353,6 +372,9 @@ def main():
         os._exit(1)
     if hasattr(comm, "close"):
         comm.close()
+    if args.backend == "torch":                     # gloo's threads must stop before the interpreter exits
+        import torch.distributed as dist
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
