@@ -136,6 +136,28 @@ def cuda_aware_mpi() -> bool:
     return False
 
 
+def torch_or_numpy(x, buf):
+    """What the worker copies from: the CPU torch tensor itself (torch's copy releases the GIL), else
+    the numpy buffer."""
+    mod = type(x).__module__
+    if mod.startswith("torch") and x.dtype.is_floating_point and str(x.dtype) != "torch.bfloat16":
+        return x.detach().reshape(-1)
+    return buf
+
+
+def fill(out, srcs, bounds):
+    """Concatenate `srcs` into the host array `out` (on the worker thread)."""
+    dst = None
+    for s, a, b in zip(srcs, bounds[:-1], bounds[1:]):
+        if isinstance(s, np.ndarray):
+            out[a:b] = s
+        else:
+            if dst is None:
+                import torch
+                dst = torch.from_numpy(out)
+            dst[a:b].copy_(s)
+
+
 def cores_per_rank(local_size: int) -> int:
     """Cores one of `local_size` ranks on this node can use without taking them from another."""
     try:
@@ -446,6 +468,32 @@ class MPICommunicator(Communicator):
             self._complete(comm.Iallreduce(send, [out, dt], op=op))
             return out
         return self._issue("allreduce", name, work, v.back)
+
+    def allreduce_group(self, xs, *, name="", donate=None):
+        """Host arrays are concatenated by the worker thread, off the caller's thread (as Horovod fills
+        its fusion buffer from its background thread), then summed in place in one MPI_Allreduce."""
+        if len(xs) < 2 or self._worker is None:
+            return super().allreduce_group(xs, name=name, donate=donate)
+        views = [self._view(x) for x in xs]
+        if any(v.device is not None or not isinstance(v.buf, np.ndarray) for v in views):
+            return super().allreduce_group(xs, name=name, donate=donate)   # device memory: on the caller
+        kinds = sorted({v.dtype for v in views})
+        if len(kinds) != 1:
+            raise TypeError(f"allreduce_group({name!r}) needs one dtype, got {kinds}")
+        dtype = kinds[0]
+        comm, dt, op = self.comm, self._dt(dtype), _sum_op(self.MPI, dtype)
+        bounds = np.cumsum([0] + [v.n for v in views])
+        out = np.empty(int(bounds[-1]), _HOST[dtype])
+        srcs = [torch_or_numpy(x, v.buf) for x, v in zip(xs, views)]
+
+        def work():
+            fill(out, srcs, bounds)
+            self._complete(comm.Iallreduce(self.MPI.IN_PLACE, [out, dt], op=op))
+            return out
+
+        def post(total):
+            return [v.back(total[a:b]) for v, a, b in zip(views, bounds[:-1], bounds[1:])]
+        return self._issue("allreduce_group", name, work, post)
 
     def allgather(self, x, *, name=""):
         v = self._view(x)

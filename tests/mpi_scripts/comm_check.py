@@ -122,17 +122,19 @@ def check_donation(comm):
             ok(res.data_ptr() == x.data_ptr(), f"{comm.engine}: a donated float32 CPU tensor was copied")
     # allreduce_group: one collective for several tensors; donated ones are summed in place (Horovod's
     # grouped allreduce) or through a fresh concatenation (others); the rest are never modified
-    for dt in ("float32", "float16", "int8"):
-        xs = [make("torch", data(rank + k, n, dt), dt) for k, n in enumerate((5, 300, 1))]
-        kept = [x.clone() for x in xs]
+    for kind, dt in (("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16"), ("torch", "int8"),
+                     ("numpy", "float64"), ("numpy", "uint8")):
+        xs = [make(kind, data(rank + k, n, dt), dt) for k, n in enumerate((5, 300, 1))]
+        kept = [as_np(x).copy() for x in xs]
         res = comm.allreduce_group(xs, name=f"group.{dt}", donate=[True, False, True]).wait()
         ok(isinstance(res, list) and len(res) == 3, f"allreduce_group {dt}: expected 3 results")
         for k, (n, r) in enumerate(zip((5, 300, 1), res)):
             total = sum(data(q + k, n, dt) for q in range(size))
             expect = total.astype(np.int64).astype(dt).astype(np.float64) if dt in INT_DTYPES else \
-                as_np(make("torch", total, dt))
-            ok(np.array_equal(as_np(r), expect), f"allreduce_group {dt} part {k}: wrong sum")
-        ok(torch.equal(xs[1], kept[1]), f"allreduce_group {dt}: a tensor that was not donated changed")
+                as_np(make(kind, total, dt))
+            same_kind(r, xs[k], dt, n, f"allreduce_group {kind} {dt} part {k}")
+            ok(np.array_equal(as_np(r), expect), f"allreduce_group {kind} {dt} part {k}: wrong sum")
+        ok(np.array_equal(as_np(xs[1]), kept[1]), f"allreduce_group {dt}: an array that was not donated changed")
         if comm.engine == "horovod" and dt == "float32":
             ok(res[0].data_ptr() == xs[0].data_ptr() and res[2].data_ptr() == xs[2].data_ptr(),
                "Horovod grouped allreduce copied donated tensors")
