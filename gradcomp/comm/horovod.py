@@ -5,10 +5,10 @@
     h = comm.allreduce(x, name="b0")         # hvd.allreduce_async_(copy, op=hvd.Sum)
     total = h.wait()                         # hvd.synchronize(); same type/dtype/device as x
 
-  allreduce   allreduce_async_ (op=Sum) on a private copy (in place on a donated tensor); Horovod's fusion buffer and background
-              thread batch it with other pending tensors. Horovod 0.28 cannot sum bfloat16, int8 or
-              uint8: those are summed as float32 / int32 and cast back (rounded once to nearest-even,
-              integers wrap), so 4 bytes per element travel for them.
+  allreduce   allreduce_async_ (op=Sum) on a private copy (in place on a donated tensor); Horovod's
+              fusion buffer and background thread batch it with other pending tensors. Horovod 0.28
+              cannot sum bfloat16, int8 or uint8: those are summed as float32 / int32 and cast back
+              (rounded once to nearest-even, integers wrap), so 4 bytes per element travel for them.
   allreduce_group  grouped_allreduce_async_ (op=Sum): one group, fused by Horovod's background thread
               (in place on donated tensors, on private copies otherwise).
   allgather   allgather_async of the data (first dimensions may differ) plus a 2-element

@@ -435,10 +435,14 @@ class MPICommunicator(Communicator):
                 _run_one(self, fn, h)
         return h
 
-    def _complete(self, req):
-        """Finish a nonblocking collective. "poll": MPI_Test with sleeps backing off to `poll_max`
-        seconds, so a waiting worker does not keep a core busy (the caller's compute gets it);
-        "block": MPI_Wait (lowest latency; Open MPI spins while it waits)."""
+    def _complete(self, start):
+        """Run the nonblocking collective `start()` returns, to completion, by the progress mode:
+        "block": MPI_Wait (lowest latency; Open MPI spins while it waits, also for late peers);
+        "poll": MPI_Test with sleeps backing off to `poll_max` seconds, so a waiting worker does not
+        keep a core busy (the caller's compute gets it), but large messages progress only in MPI_Test.
+        (Tried and dropped: an MPI_Ibarrier polled first, then MPI_Wait, so that no rank spins for a
+        late peer: no faster than either mode in benchmarks/torch_vs_horovod.py on 2 cores.)"""
+        req = start()
         if self.progress == "block":
             req.Wait()
             return
@@ -465,7 +469,7 @@ class MPICommunicator(Communicator):
         def work():
             v.ready()
             send = self.MPI.IN_PLACE if in_place else [v.buf, dt]
-            self._complete(comm.Iallreduce(send, [out, dt], op=op))
+            self._complete(lambda: comm.Iallreduce(send, [out, dt], op=op))
             return out
         return self._issue("allreduce", name, work, v.back)
 
@@ -488,7 +492,7 @@ class MPICommunicator(Communicator):
 
         def work():
             fill(out, srcs, bounds)
-            self._complete(comm.Iallreduce(self.MPI.IN_PLACE, [out, dt], op=op))
+            self._complete(lambda: comm.Iallreduce(self.MPI.IN_PLACE, [out, dt], op=op))
             return out
 
         def post(total):
@@ -504,7 +508,7 @@ class MPICommunicator(Communicator):
         def work():
             v.ready()
             meta = np.empty((size, 2), np.int64)
-            self._complete(comm.Iallgather([np.array([v.n, code], np.int64), MPI.INT64_T], [meta, MPI.INT64_T]))
+            self._complete(lambda: comm.Iallgather([np.array([v.n, code], np.int64), MPI.INT64_T], [meta, MPI.INT64_T]))
             # every rank sees the same meta, so these errors skip the data step everywhere alike
             if (meta[:, 1] != code).any():
                 return _Failed(ValueError(f"allgather({name!r}): ranks passed different dtypes "
@@ -515,7 +519,7 @@ class MPICommunicator(Communicator):
                                           "count limit; use smaller buckets"))
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
             out = v.alloc(int(counts.sum()), v.dtype)
-            self._complete(comm.Iallgatherv([v.buf, dt], [out, (counts.tolist(), displs.tolist()), dt]))
+            self._complete(lambda: comm.Iallgatherv([v.buf, dt], [out, (counts.tolist(), displs.tolist()), dt]))
             return [out[int(o):int(o + c)] for o, c in zip(displs, counts)]
         return self._issue("allgather", name, work, lambda parts: [v.back(p) for p in parts])
 
@@ -531,13 +535,13 @@ class MPICommunicator(Communicator):
         def work():
             v.ready()
             hdr = np.array([v.n, code], np.int64)
-            self._complete(comm.Ibcast([hdr, MPI.INT64_T], root=root))
+            self._complete(lambda: comm.Ibcast([hdr, MPI.INT64_T], root=root))
             rdtype, n = _CODES[int(hdr[1])], int(hdr[0])
             if me == root:
                 out = src if src is not None else v.copy()   # the result never aliases the input
             else:
                 out = v.alloc(n, rdtype) if rdtype == v.dtype else np.empty(n, _HOST[rdtype])
-            self._complete(comm.Ibcast([out, self._dt(rdtype)], root=root))
+            self._complete(lambda: comm.Ibcast([out, self._dt(rdtype)], root=root))
             if rdtype != v.dtype:                  # the collective itself completed: not "broken"
                 return _Failed(ValueError(f"broadcast({name!r}): root {root} sent {rdtype} but rank {me} "
                                           f"passed {v.dtype}; pass the same dtype on every rank"))
