@@ -81,15 +81,21 @@ class _Counting:
 
         class Counting(Communicator):
             engine = inner.engine
+            accepts_donation = getattr(inner, "accepts_donation", False)   # keep the zero-copy paths
             rank, size, local_rank = inner.rank, inner.size, getattr(inner, "local_rank", 0)
             nbytes = 0
 
             def _count(self, x):
                 self.nbytes += get_backend(x).nbytes(x)
 
-            def allreduce(self, x, *, name=""):
+            def allreduce(self, x, *, name="", donate=False):
                 self._count(x)
-                return inner.allreduce(x, name=name)
+                return inner.allreduce(x, name=name, donate=True) if donate else inner.allreduce(x, name=name)
+
+            def allreduce_group(self, xs, *, name="", donate=None):
+                for x in xs:
+                    self._count(x)
+                return inner.allreduce_group(xs, name=name, donate=donate)
 
             def allgather(self, x, *, name=""):
                 self._count(x)
