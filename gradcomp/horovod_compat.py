@@ -4,8 +4,10 @@ Horovod calls `compress(tensor) -> (tensor, ctx)`, averages the returned tensor 
 `decompress(tensor, ctx)`; it passes no tensor name and no step and keeps no state. A gradcomp
 compressor qualifies only if it is (1) summable, (2) single-round, (3) stateless (no `init_state`),
 and (4) step- and name-independent: a probe compresses the same vector under different
-(seed, step, name) and the payload must not change. The adapters (gradcomp_torch.compression,
-gradcomp_tf.compression) only wrap tensors; the rule and the `Compression.<name>` namespace live here.
+(seed, step, name) and the payload must not change. The rule, the compress/decompress wrapping
+(`HorovodCompressorBase`, written once against the backend protocol) and the `Compression.<name>`
+namespace live here; the adapters (gradcomp_torch.compression, gradcomp_tf.compression) only say
+which tensors are theirs and what to suggest instead.
 """
 from __future__ import annotations
 
@@ -60,6 +62,58 @@ def compatible() -> list[str]:
         except (ImportError, ValueError):
             continue
     return out
+
+
+class HorovodCompressorBase:
+    """One gradcomp compressor behind Horovod's `compress(tensor) -> (tensor, ctx)` /
+    `decompress(tensor, ctx)` interface, for any backend. Subclasses set `adapter` (for repr) and
+    `instead` (what to use for compressors that do not qualify, with `{spec}`), and may override
+    `_as_array` (None: not a tensor of this framework, passed through) and `_to_wire`."""
+
+    adapter = "gradcomp"
+    instead = "gradcomp's DistributedOptimizer (compressor={spec!r})"
+
+    def __init__(self, compressor):
+        comp = registry.create(compressor, "compressor")
+        reason = why_incompatible(comp)
+        if reason is not None:
+            raise HorovodIncompatibleError(
+                f"compressor {comp.spec()!r} cannot be used as a Horovod Compression object: {reason}. Use "
+                f"{self.instead.format(spec=comp.spec())} instead. Usable here: {', '.join(compatible())}")
+        self.compressor = comp
+
+    def __repr__(self):
+        return f"<{self.adapter}.Compression {self.compressor.spec()}>"
+
+    def _as_array(self, tensor):
+        return tensor
+
+    def _to_wire(self, wire):
+        return wire
+
+    def compress(self, tensor):
+        t = self._as_array(tensor)
+        if t is None:
+            return tensor, None
+        b = get_backend(t)
+        if not b.is_floating(t) or b.numel(t) == 0:
+            return t, None
+        dtype, shape, n = b.dtype(t), tuple(int(d) for d in b.shape(t)), b.numel(t)
+        flat = b.cast(b.flatten(t), "float64" if dtype == "float64" else "float32")
+        ctx = Ctx(b, "horovod", shape, dtype, n, 0, 0, 0, 1)
+        payload, info = self.compressor.compress(flat, {}, ctx)
+        sizes = [b.numel(p) for p in payload]
+        wire = b.flatten(payload[0]) if len(payload) == 1 else b.cat(payload)
+        return self._to_wire(wire), (ctx, info, sizes)
+
+    def decompress(self, tensor, ctx):
+        if ctx is None:
+            return tensor
+        gctx, info, sizes = ctx
+        b = gctx.backend
+        flat = b.flatten(tensor)
+        payload = [flat] if len(sizes) == 1 else b.split(flat, sizes)
+        return b.cast(b.reshape(self.compressor.decompress(payload, info, gctx), gctx.shape), gctx.dtype)
 
 
 class CompressionNamespace:

@@ -15,59 +15,21 @@ DistributedGradientTape, which run all compressors (allgather, residuals, shared
 """
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
 
-from gradcomp import registry
-from gradcomp.backend import get_backend
-from gradcomp.compressors.base import Ctx
-from gradcomp.horovod_compat import (CompressionNamespace, HorovodIncompatibleError,  # noqa: F401
-                                     compatible, why_incompatible)
+from gradcomp.horovod_compat import (CompressionNamespace, HorovodCompressorBase,  # noqa: F401
+                                     HorovodIncompatibleError, compatible, why_incompatible)
 
 
-class HorovodCompressor:
+class HorovodCompressor(HorovodCompressorBase):
     """One gradcomp compressor behind Horovod's compress/decompress interface (TF tensors)."""
 
-    def __init__(self, compressor):
-        comp = registry.create(compressor, "compressor")
-        reason = why_incompatible(comp)
-        if reason is not None:
-            raise HorovodIncompatibleError(_incompatible_message(comp.spec(), reason))
-        self.compressor = comp
+    adapter = "gradcomp_tf"
+    instead = ("gradcomp_tf.DistributedOptimizer(opt, compressor={spec!r}) or "
+               "gradcomp_tf.DistributedGradientTape(tape, compressor={spec!r})")
 
-    def __repr__(self):
-        return f"<gradcomp_tf.Compression {self.compressor.spec()}>"
-
-    def compress(self, tensor):
-        t = tf.convert_to_tensor(tensor)
-        if not t.dtype.is_floating:
-            return t, None
-        shape = tuple(int(d) for d in t.shape)
-        n = int(np.prod(shape)) if shape else 1
-        if n == 0:
-            return t, None
-        b = get_backend(t)
-        flat = b.cast(b.flatten(t), "float64" if t.dtype == tf.float64 else "float32")
-        ctx = Ctx(b, "horovod", shape, t.dtype.name, n, 0, 0, 0, 1)
-        payload, info = self.compressor.compress(flat, {}, ctx)
-        sizes = [b.numel(p) for p in payload]
-        wire = b.flatten(payload[0]) if len(payload) == 1 else b.cat(payload)
-        return wire, (ctx, info, sizes, t.dtype, shape)
-
-    def decompress(self, tensor, ctx):
-        if ctx is None:
-            return tensor
-        gctx, info, sizes, dtype, shape = ctx
-        flat = tf.reshape(tensor, [-1])
-        payload = [flat] if len(sizes) == 1 else list(tf.split(flat, sizes))
-        return tf.cast(tf.reshape(self.compressor.decompress(payload, info, gctx), shape), dtype)
-
-
-def _incompatible_message(spec, reason):
-    return (f"compressor {spec!r} cannot be used as a Horovod Compression object: {reason}. Use "
-            f"gradcomp_tf.DistributedOptimizer(opt, compressor={spec!r}) or "
-            f"gradcomp_tf.DistributedGradientTape(tape, compressor={spec!r}) instead. "
-            f"Usable here: {', '.join(compatible())}")
+    def _as_array(self, tensor):
+        return tf.convert_to_tensor(tensor)
 
 
 Compression = CompressionNamespace(HorovodCompressor)

@@ -27,47 +27,24 @@ import warnings
 
 import torch
 
-from gradcomp import registry
-from gradcomp.backend import get_backend
-from gradcomp.compressors.base import Ctx
-from gradcomp.horovod_compat import (CompressionNamespace, HorovodIncompatibleError,  # noqa: F401
-                                     compatible, why_incompatible)
+from gradcomp.horovod_compat import (CompressionNamespace, HorovodCompressorBase,  # noqa: F401
+                                     HorovodIncompatibleError, compatible, why_incompatible)
 
 
-class HorovodCompressor:
-    """One gradcomp compressor behind Horovod's compress/decompress interface."""
+class HorovodCompressor(HorovodCompressorBase):
+    """One gradcomp compressor behind Horovod's compress/decompress interface (torch tensors)."""
 
-    def __init__(self, compressor):
-        comp = registry.create(compressor, "compressor")
-        reason = why_incompatible(comp)
-        if reason is not None:
-            raise HorovodIncompatibleError(_incompatible_message(comp.spec(), reason))
-        self.compressor = comp
+    adapter = "gradcomp_torch"
+    instead = ("gradcomp_torch.DistributedOptimizer(opt, named_parameters=..., compressor={spec!r}) (it runs "
+               "over Horovod too, with GRADCOMP_BACKEND=horovod)")
 
-    def __repr__(self):
-        return f"<gradcomp_torch.Compression {self.compressor.spec()}>"
+    def _as_array(self, tensor):
+        return tensor if torch.is_tensor(tensor) else None
 
-    def compress(self, tensor):
-        if not torch.is_tensor(tensor) or not tensor.is_floating_point() or tensor.numel() == 0:
-            return tensor, None
-        b = get_backend(tensor)
-        dtype, shape, n = b.dtype(tensor), tuple(tensor.shape), tensor.numel()
-        flat = tensor.reshape(-1).to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
-        ctx = Ctx(b, "horovod", shape, dtype, n, 0, 0, 0, 1)
-        payload, info = self.compressor.compress(flat, {}, ctx)
-        sizes = [p.numel() for p in payload]
-        wire = payload[0].reshape(-1) if len(payload) == 1 else torch.cat([p.reshape(-1) for p in payload])
+    def _to_wire(self, wire):
         if wire.dtype == torch.bfloat16 and not _horovod_sums_bf16():
-            wire = wire.float()          # bf16-rounded values, summed in float32 (4 bytes on the wire)
-        return wire, (ctx, info, sizes, tensor.dtype, shape)
-
-    def decompress(self, tensor, ctx):
-        if ctx is None:
-            return tensor
-        gctx, info, sizes, dtype, shape = ctx
-        flat = tensor.reshape(-1)
-        payload = [flat] if len(sizes) == 1 else list(torch.split(flat, sizes))
-        return self.compressor.decompress(payload, info, gctx).reshape(shape).to(dtype)
+            return wire.float()          # bf16-rounded values, summed in float32 (4 bytes on the wire)
+        return wire
 
 
 _BF16 = {}
@@ -85,15 +62,9 @@ def _horovod_sums_bf16() -> bool:
         if not ok:
             warnings.warn("this Horovod cannot allreduce bfloat16: Compression.bf16 rounds gradients to "
                           "bfloat16 but sends them as float32 (no bandwidth saved). Use Compression.fp16, or "
-                          "gradcomp_torch.DistributedOptimizer(compressor='bf16').", stacklevel=3)
+                          "gradcomp_torch.DistributedOptimizer(compressor='bf16').", stacklevel=4)
         _BF16["v"] = ok
     return _BF16["v"]
-
-
-def _incompatible_message(spec, reason):
-    return (f"compressor {spec!r} cannot be used as a Horovod Compression object: {reason}. Use "
-            f"gradcomp_torch.DistributedOptimizer(opt, named_parameters=..., compressor={spec!r}) instead "
-            f"(it runs over Horovod too, with GRADCOMP_BACKEND=horovod). Usable here: {', '.join(compatible())}")
 
 
 Compression = CompressionNamespace(HorovodCompressor)
