@@ -101,6 +101,49 @@ class Communicator:
                 for p in self.allgather(raw, name=name).wait()]
 
 
+CODES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64")   # wire dtypes
+
+
+def as_torch_1d(x, engine: str):
+    """(1-D torch tensor for x, way back to x's kind) for the torch-based transports. A torch tensor
+    is used as it is (detached, contiguous); numpy arrays and eager TF tensors become CPU tensors
+    sharing host memory where possible, bfloat16 through its 16 bits."""
+    import numpy as np
+    import torch
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        if x.dim() != 1:
+            raise ValueError(f"collectives take one 1-D tensor, got shape {tuple(x.shape)}; flatten it first")
+        if str(x.dtype).replace("torch.", "") not in CODES:
+            raise TypeError(f"{engine} transport: dtype {x.dtype} is not supported; use one of {', '.join(CODES)}")
+        return x.detach().contiguous(), lambda r: r
+    back_np = lambda a: a  # noqa: E731
+    if not isinstance(x, np.ndarray):
+        if not (mod.startswith("tensorflow") or mod.startswith("keras")):
+            raise TypeError(f"{engine} transport: unsupported array type {type(x)!r}; pass numpy, torch or TF")
+        if not hasattr(x, "numpy"):
+            raise TypeError(f"{engine} transport needs eager TF tensors; inside tf.function use tf.py_function")
+        import tensorflow as tf
+        dev = getattr(x, "device", "") or "/cpu:0"
+
+        def back_np(a, dev=dev):
+            with tf.device(dev):
+                return tf.convert_to_tensor(a)
+        x = np.asarray(x.numpy())
+    if x.ndim != 1:
+        raise ValueError(f"collectives take one 1-D array, got shape {x.shape}; flatten it first")
+    bf = x.dtype if x.dtype.name == "bfloat16" else None
+    if bf is None and x.dtype.name not in CODES:
+        raise TypeError(f"{engine} transport: dtype {x.dtype} is not supported; use one of {', '.join(CODES)}")
+    t = torch.from_numpy(np.ascontiguousarray(x.view(np.int16) if bf is not None else x))
+    t = t.view(torch.bfloat16) if bf is not None else t
+
+    def back(r):
+        r = r.cpu()
+        return back_np(r.view(torch.int16).numpy().view(bf) if bf is not None else r.numpy())
+    return t, back
+
+
 class ConfigMismatchError(RuntimeError):
     """Ranks were started with different configurations."""
 

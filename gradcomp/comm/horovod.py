@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 
-from gradcomp.comm.base import Communicator, Handle
+from gradcomp.comm.base import CODES as _CODES, Communicator, Handle, as_torch_1d
 
-_CODES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64")
 _INSTALL = ('the "horovod" backend needs Horovod built for PyTorch; from the gradcomp source tree run '
             '`bash mpi/build_horovod.sh` (Horovod 0.28.1 with MPI+Gloo, C++17 wrapper for torch>=2.1), '
             'or use backend "mpi" or "torch", which need no Horovod')
@@ -99,40 +97,7 @@ class HorovodCommunicator(Communicator):
 
     def _tensor(self, x):
         """(1-D torch tensor viewing x, way back to x's kind)."""
-        torch = self.torch
-        mod = type(x).__module__
-        if mod.startswith("torch"):
-            if x.dim() != 1:
-                raise ValueError(f"collectives take one 1-D tensor, got shape {tuple(x.shape)}; flatten it first")
-            if str(x.dtype).replace("torch.", "") not in _CODES:
-                raise TypeError(f"Horovod transport: dtype {x.dtype} is not supported; use one of "
-                                f"{', '.join(_CODES)}")
-            return x.detach().contiguous(), lambda r: r
-        back_np = lambda a: a  # noqa: E731
-        if not isinstance(x, np.ndarray):
-            if not (mod.startswith("tensorflow") or mod.startswith("keras")):
-                raise TypeError(f"Horovod transport: unsupported array type {type(x)!r}; pass numpy, torch or TF")
-            if not hasattr(x, "numpy"):
-                raise TypeError("Horovod (torch) transport needs eager TF tensors; inside tf.function use "
-                                "tf.py_function")
-            import tensorflow as tf
-            dev = getattr(x, "device", "") or "/cpu:0"
-
-            def back_np(a, dev=dev):
-                with tf.device(dev):
-                    return tf.convert_to_tensor(a)
-            x = np.asarray(x.numpy())
-        if x.ndim != 1:
-            raise ValueError(f"collectives take one 1-D array, got shape {x.shape}; flatten it first")
-        bf = x.dtype if x.dtype.name == "bfloat16" else None
-        if bf is None and x.dtype.name not in _CODES:
-            raise TypeError(f"Horovod transport: dtype {x.dtype} is not supported; use one of {', '.join(_CODES)}")
-        t = torch.from_numpy(np.ascontiguousarray(x.view(np.int16) if bf is not None else x))
-        t = t.view(torch.bfloat16) if bf is not None else t
-
-        def back(r):
-            return back_np(r.view(torch.int16).numpy().view(bf) if bf is not None else r.numpy())
-        return t, back
+        return as_torch_1d(x, "Horovod")
 
     # ------------------------------------------------------------------ collectives
     def allreduce(self, x, *, name="", donate=False):

@@ -51,9 +51,8 @@ import weakref
 
 import numpy as np
 
-from gradcomp.comm.base import Communicator, Handle
+from gradcomp.comm.base import CODES as _CODES, Communicator, Handle
 
-_CODES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64")
 _HOST = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64,
          "int8": np.int8, "uint8": np.uint8, "int32": np.int32, "int64": np.int64}
 _MPI_TYPE = {"float16": "UINT16_T", "bfloat16": "UINT16_T", "float32": "FLOAT", "float64": "DOUBLE",

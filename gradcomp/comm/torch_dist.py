@@ -21,11 +21,9 @@ import atexit
 import socket
 import time
 
-import numpy as np
 
-from gradcomp.comm.base import Communicator, Handle
+from gradcomp.comm.base import CODES as _CODES, Communicator, Handle, as_torch_1d
 
-_CODES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64")
 _INSTALL = 'the "torch" backend needs PyTorch with torch.distributed: pip install "gradcomp[torch]"'
 
 
@@ -110,45 +108,14 @@ class TorchDistCommunicator(Communicator):
     # ------------------------------------------------------------------ conversion
     def _tensor(self, x):
         """(1-D tensor the group can use, whether it is a private copy, way back to x's kind)."""
-        torch = self.torch
-        mod = type(x).__module__
-        if isinstance(x, np.ndarray) or mod.startswith("tensorflow") or mod.startswith("keras"):
-            back_np = lambda a: a  # noqa: E731
-            if not isinstance(x, np.ndarray):
-                if not hasattr(x, "numpy"):
-                    raise TypeError("torch transport needs eager TF tensors; inside tf.function use "
-                                    "tf.py_function")
-                import tensorflow as tf
-                dev = getattr(x, "device", "") or "/cpu:0"
-
-                def back_np(a, dev=dev):
-                    with tf.device(dev):
-                        return tf.convert_to_tensor(a)
-                x = np.asarray(x.numpy())
-            if x.ndim != 1:
-                raise ValueError(f"collectives take one 1-D array, got shape {x.shape}; flatten it first")
-            bf = x.dtype if x.dtype.name == "bfloat16" else None
-            a = np.ascontiguousarray(x.view(np.int16) if bf is not None else x)
-            if bf is None and a.dtype.name not in _CODES:
-                raise TypeError(f"torch transport: dtype {a.dtype} is not supported; use one of {', '.join(_CODES)}")
-            t = torch.from_numpy(a)
-            t = t.view(torch.bfloat16) if bf is not None else t
+        from_torch = type(x).__module__.startswith("torch")
+        t, back = as_torch_1d(x, "torch")
+        if not from_torch:                          # numpy / TF: host memory, moved to the group's device
             moved = t.to(self.home) if self.home.type != "cpu" else t
-
-            def back(r):
-                r = r.cpu()
-                return back_np(r.view(torch.int16).numpy().view(bf) if bf is not None else r.numpy())
             return moved, moved is not t, back
-        if not mod.startswith("torch"):
-            raise TypeError(f"torch transport: unsupported array type {type(x)!r}; pass numpy, torch or TF")
-        if x.dim() != 1:
-            raise ValueError(f"collectives take one 1-D tensor, got shape {tuple(x.shape)}; flatten it first")
-        if str(x.dtype).replace("torch.", "") not in _CODES:
-            raise TypeError(f"torch transport: dtype {x.dtype} is not supported; use one of {', '.join(_CODES)}")
-        t = x.detach().contiguous()
         ok = self.cpu_ok if t.device.type == "cpu" else (t.device.type == "cuda" and self.cuda_ok)
         if ok:
-            return t, False, lambda r: r
+            return t, False, back
         dev = t.device
         return t.to(self.home), True, lambda r: r.to(dev)
 
