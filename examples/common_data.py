@@ -1,4 +1,7 @@
-"""Dataset loading shared by the examples (framework-neutral: numpy arrays only).
+"""Dataset loading and command line shared by the examples (framework-neutral: numpy arrays only).
+
+    training_parser(...) / finish_args(p, argv)
+                                   the options every example takes, and their per-task defaults
 
     digits(seed)                   scikit-learn's bundled 8x8 digit images, a fixed train/test split
     epoch_shard(n, rank, size, seed, epoch)
@@ -12,6 +15,7 @@ same arguments sees the same order, so a run resumed from a checkpoint continues
 """
 from __future__ import annotations
 
+import argparse
 import os
 from collections import Counter
 
@@ -20,6 +24,51 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LM_TRAIN = os.path.join(REPO, "..", "shared", "data", "wikitext2-valid.txt")
 DEFAULT_LM_TEST = os.path.join(REPO, "..", "shared", "data", "wikitext2-test.txt")
+
+
+def training_parser(description, *, backends, max_vocab, threads_help, checkpoint_help):
+    """The options both training examples take; each adds its framework's own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--task", choices=("digits", "lm"), default="digits")
+    p.add_argument("--data", default=None, help="lm: training text (default ../shared/data/wikitext2-valid.txt)")
+    p.add_argument("--eval-data", default=None, help="lm: evaluation text (default wikitext2-test.txt)")
+    p.add_argument("--epochs", type=int, default=None, help="default 5 (digits) / 1 (lm)")
+    p.add_argument("--batch-size", type=int, default=None, help="per rank; default 32 (digits) / 16 (lm)")
+    p.add_argument("--lr", type=float, default=None, help="default 0.05 (digits, SGD) / 0.003 (lm, Adam)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (digits)")
+    p.add_argument("--compressor", default=None, help="spec, e.g. topk:ratio=0.01 (default GRADCOMP_COMPRESSOR)")
+    p.add_argument("--memory", default=None, help="error feedback spec (default GRADCOMP_MEMORY / auto)")
+    p.add_argument("--sync", default=None, help="sync policy spec, e.g. localsgd:period=4 (default GRADCOMP_SYNC)")
+    p.add_argument("--backend", default=None, help=f"{backends} (default GRADCOMP_BACKEND)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help=checkpoint_help)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (simulate a crash)")
+    p.add_argument("--max-vocab", type=int, default=max_vocab, help="lm: vocabulary size (the rest is <unk>)")
+    p.add_argument("--bptt", type=int, default=35, help="lm: sequence length")
+    p.add_argument("--emsize", type=int, default=64)
+    p.add_argument("--nhid", type=int, default=128)
+    p.add_argument("--clip", type=float, default=0.25, help="lm: gradient norm clipping")
+    p.add_argument("--threads", type=int, default=0, help=threads_help)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="rank 0 prints a final RESULT {json} line")
+    return p
+
+
+def finish_args(p, argv=None):
+    """Parse, fill the per-task defaults, and reject impossible settings with the parser's error."""
+    a = p.parse_args(argv)
+    lm = a.task == "lm"
+    a.epochs = a.epochs if a.epochs is not None else (1 if lm else 5)
+    a.batch_size = a.batch_size if a.batch_size is not None else (16 if lm else 32)
+    a.lr = a.lr if a.lr is not None else (0.003 if lm else 0.05)
+    a.data = a.data or DEFAULT_LM_TRAIN
+    a.eval_data = a.eval_data or DEFAULT_LM_TEST
+    if a.epochs < 1 or a.batch_size < 1 or not a.lr > 0:
+        p.error("--epochs and --batch-size must be >= 1 and --lr > 0")
+    if a.resume and not a.checkpoint:
+        p.error("--resume needs --checkpoint")
+    return a
 
 
 def digits(seed: int = 0, test_fraction: float = 0.2):

@@ -15,7 +15,6 @@ accuracy (digits) or perplexity (lm), the bytes this rank sent and the compressi
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -61,45 +60,13 @@ class WordLM(nn.Module):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=("digits", "lm"), default="digits")
-    p.add_argument("--data", default=None, help="lm: training text (default ../shared/data/wikitext2-valid.txt)")
-    p.add_argument("--eval-data", default=None, help="lm: evaluation text (default wikitext2-test.txt)")
-    p.add_argument("--epochs", type=int, default=None, help="default 5 (digits) / 1 (lm)")
-    p.add_argument("--batch-size", type=int, default=None, help="per rank; default 32 (digits) / 16 (lm)")
-    p.add_argument("--lr", type=float, default=None, help="default 0.05 (digits, SGD) / 0.003 (lm, Adam)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (digits)")
+    p = common_data.training_parser(__doc__.split("\n\n")[0], backends="auto | mpi | torch | horovod",
+                                    max_vocab=8000, threads_help="torch threads per rank (0: cores / local ranks)",
+                                    checkpoint_help="save here after every epoch")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                    help="learning rate over the run: cosine decay to 0, or constant")
-    p.add_argument("--compressor", default=None, help="spec, e.g. topk:ratio=0.01 (default GRADCOMP_COMPRESSOR)")
-    p.add_argument("--memory", default=None, help="error feedback spec (default GRADCOMP_MEMORY / auto)")
-    p.add_argument("--sync", default=None, help="sync policy spec, e.g. localsgd:period=4 (default GRADCOMP_SYNC)")
-    p.add_argument("--backend", default=None, help="auto | mpi | torch | horovod (default GRADCOMP_BACKEND)")
     p.add_argument("--bucket-mb", type=float, default=None, help="fusion bucket MiB (default GRADCOMP_BUCKET_MB)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=None, help="save here after every epoch")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (simulate a crash)")
-    p.add_argument("--max-vocab", type=int, default=8000, help="lm: vocabulary size (the rest is <unk>)")
-    p.add_argument("--bptt", type=int, default=35, help="lm: sequence length")
-    p.add_argument("--emsize", type=int, default=64)
-    p.add_argument("--nhid", type=int, default=128)
-    p.add_argument("--clip", type=float, default=0.25, help="lm: gradient norm clipping")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="rank 0 prints a final RESULT {json} line")
-    a = p.parse_args(argv)
-    lm = a.task == "lm"
-    a.epochs = a.epochs if a.epochs is not None else (1 if lm else 5)
-    a.batch_size = a.batch_size if a.batch_size is not None else (16 if lm else 32)
-    a.lr = a.lr if a.lr is not None else (0.003 if lm else 0.05)
-    a.data = a.data or common_data.DEFAULT_LM_TRAIN
-    a.eval_data = a.eval_data or common_data.DEFAULT_LM_TEST
-    if a.epochs < 1 or a.batch_size < 1 or not a.lr > 0:
-        p.error("--epochs and --batch-size must be >= 1 and --lr > 0")
-    if a.resume and not a.checkpoint:
-        p.error("--resume needs --checkpoint PATH")
-    return a
+    return common_data.finish_args(p, argv)
 
 
 def _local_ranks(size):
