@@ -26,27 +26,18 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import gradcomp  # noqa: E402
 import gradcomp_torch as gct  # noqa: E402
+import toy  # noqa: E402
+from toy import flat, toy_data  # noqa: E402
 
-GEN = torch.Generator().manual_seed(7)
-X = torch.randn(8, 2, 16, 10, generator=GEN)
-Y = (X @ torch.randn(10, 4, generator=GEN)).argmax(-1)          # learnable labels
+X, Y = toy_data(seed=7, steps=8)
 
 
 def make_model():
-    g = torch.Generator().manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return m
+    return toy.make_model(32)
 
 
 def loss_of(m, step, rank):
     return torch.nn.functional.cross_entropy(m(X[step, rank]), Y[step, rank])
-
-
-def flat(m):
-    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
 
 
 def same_everywhere(comm, t) -> bool:

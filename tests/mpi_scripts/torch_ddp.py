@@ -16,28 +16,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradcomp_torch as gct
+import toy
+from toy import flat, toy_data
 
-GEN = torch.Generator().manual_seed(11)
-X = torch.randn(12, 2, 16, 10, generator=GEN)
-Y = (X @ torch.randn(10, 4, generator=GEN)).argmax(-1)          # learnable labels
+X, Y = toy_data(seed=11, steps=12)
 
 
 def make_model():
-    g = torch.Generator().manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.ReLU(),
-                            torch.nn.Linear(16, 4))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return m
+    return toy.make_model(32, 16)
 
 
 def loss_fn(m, step, rank):
     return torch.nn.functional.cross_entropy(m(X[step, rank]), Y[step, rank])
-
-
-def flat(m):
-    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
 
 
 def reference_step(world):
