@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradcomp import registry
+from gradcomp import registry, traffic
 from gradcomp.backend import get_backend
 from gradcomp.comm.base import check_consistent
 from gradcomp.comm.single import SingleCommunicator
@@ -70,7 +70,7 @@ class GradientSync:
         self.check_finite, self.check_config = check_finite, check_config
         self._mem, self._cst, self._shapes, self._work = {}, {}, {}, {}
         self._step = 0
-        self._stats = {"bytes_sent": 0, "bytes_dense": 0, "bytes_meta": 0}
+        self._stats = traffic.new_counters()     # plain numbers: they checkpoint (gradcomp/traffic.py)
         self._buckets: list[_Bucket] = []
         self._checked = False
         # A transport that accepts donation also hands back private results (comm/base.py), so a
@@ -269,8 +269,7 @@ class GradientSync:
         self._stats["bytes_meta"] += meta
         for e, mem, cst in commits:
             self._mem[e.name], self._cst[e.name] = mem, cst
-            self._stats["bytes_sent"] += e.sent_bytes
-            self._stats["bytes_dense"] += 4 * e.ctx.numel
+            traffic.account(self._stats, comp, e)
         self._step += 1
         return out
 
@@ -280,9 +279,9 @@ class GradientSync:
         return self._step
 
     def stats(self) -> dict:
-        s = dict(self._stats, steps=self._step)
-        s["ratio"] = s["bytes_dense"] / s["bytes_sent"] if s["bytes_sent"] else float("nan")
-        return s
+        """Bytes sent/received, per-rank wire traffic under the collective used, ratio against dense
+        allreduce at this number of ranks, union size U/k of sparsifiers: see gradcomp/traffic.py."""
+        return traffic.report(self._stats, self.comm.size, self._step)
 
     def residual(self, name):
         """This rank's error-feedback residual for `name` (None if the memory keeps none)."""
@@ -305,7 +304,7 @@ class GradientSync:
         if int(sd.get("seed", self.seed)) != self.seed:
             raise ValueError(f"checkpoint seed {sd.get('seed')} differs from this run's seed {self.seed}")
         self._step = int(sd["step"])
-        self._stats = {k: int(v) for k, v in sd.get("stats", {}).items()} or self._stats
+        self._stats = {k: v if isinstance(v, float) else int(v) for k, v in sd.get("stats", {}).items()} or self._stats
         self._shapes = {k: tuple(v) for k, v in sd.get("shapes", {}).items()}
         self._work = dict(sd.get("work_dtypes", {}))
         self._mem = {k: dict(v) for k, v in sd.get("memory_state", {}).items()}

@@ -180,21 +180,50 @@ class RecordingComm(Communicator):
         self.inner, self.rank, self.size, self.local_rank = inner, inner.rank, inner.size, inner.local_rank
         self.engine = "recording"
         self.log: list[tuple[str, str, int]] = []
+        self.received: list[tuple[str, str, list]] = []   # (op, name, bytes of each rank's part)
 
     def _rec(self, op, x, name):
         self.log.append((op, name, get_backend(x).nbytes(x)))
 
+    def _got(self, op, name, h):
+        from gradcomp.comm.base import ThenHandle
+
+        def note(res):
+            parts = res if isinstance(res, list) else [res]
+            self.received.append((op, name, [get_backend(a).nbytes(a) for a in parts]))
+            return res
+        return ThenHandle(h, note)
+
     def allreduce(self, x, *, name=""):
         self._rec("allreduce", x, name)
-        return self.inner.allreduce(x, name=name)
+        return self._got("allreduce", name, self.inner.allreduce(x, name=name))
 
     def allgather(self, x, *, name=""):
         self._rec("allgather", x, name)
-        return self.inner.allgather(x, name=name)
+        return self._got("allgather", name, self.inner.allgather(x, name=name))
 
     def broadcast(self, x, *, root=0, name=""):
         self._rec("broadcast", x, name)
         return self.inner.broadcast(x, root=root, name=name)
+
+    def step_traffic(self) -> dict:
+        """What the step collectives delivered, counted here at the transport: bytes received from
+        the other ranks (allgather: their parts; allreduce: the sum) and per-rank ring wire bytes."""
+        from gradcomp import traffic
+        p, r = self.size, self.rank
+        out = {"recv": 0, "wire_sent": 0.0, "wire_recv": 0.0}
+        for op, name, parts in self.received:
+            if not name.startswith("step"):
+                continue
+            if op == "allgather":
+                sent, recv = traffic.ring_allgather(parts, r)
+                out["recv"] += recv
+            else:
+                sent = recv = traffic.ring_allreduce(parts[0], p)
+                out["recv"] += parts[0] if p > 1 else 0
+            out["wire_sent"] += sent
+            out["wire_recv"] += recv
+        return out
 
     def payload_bytes(self) -> int:
         """Bytes of the step collectives (payloads), excluding config checks and NaN flags."""

@@ -265,13 +265,18 @@ def test_reported_bytes_are_the_bytes_on_the_wire(spec, size, seed, dtype, steps
         rng = np.random.default_rng([seed, comm.rank])
         for _ in range(steps):
             sync.step({f"t{i}": grad_array(rng, s, "contiguous", dtype) for i, s in enumerate(shapes)})
-        return rec.payload_bytes(), sync.stats()
+        return rec.payload_bytes(), rec.step_traffic(), sync.stats()
 
     numel = sum(int(np.prod(s)) for s in shapes)
-    for wire, stats in world(size, fn):
+    itemsize = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype]
+    for wire, seen, stats in world(size, fn):
         assert stats["steps"] == steps
         assert stats["bytes_sent"] + stats["bytes_meta"] == wire
-        assert stats["bytes_dense"] == 4 * numel * steps
+        assert stats["bytes_dense"] == itemsize * numel * steps        # the gradient's own dtype
+        assert stats["bytes_recv"] == seen["recv"]                      # counted at the transport
+        assert stats["wire_sent"] == pytest.approx(seen["wire_sent"], rel=1e-12, abs=1e-9)
+        assert stats["wire_recv"] == pytest.approx(seen["wire_recv"], rel=1e-12, abs=1e-9)
+        assert stats["wire_dense"] == pytest.approx(2 * (size - 1) / size * stats["bytes_dense"])
         if numel and not comp.lossless:
             assert stats["bytes_sent"] > 0
 

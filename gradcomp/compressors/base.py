@@ -74,6 +74,13 @@ class Compressor(Configurable):
             total = d if total is None else total + d
         return total * (1.0 / len(gathered))
 
+    def union(self, result, info, ctx: Ctx):
+        """Sparsifiers: (U, k) once the collective is done, where U (an int or a 0-d array) is the
+        number of distinct indices in the aggregate and k the entries one rank selected (mean over
+        ranks); `result` is the gathered payloads (non-summable) or the reduced ones (summable).
+        None (the default) for compressors that do not select entries. Feeds stats()["union_k"]."""
+        return None
+
     def peer_info(self, info, rank: int, ctx: Ctx):
         """The info needed to decode another rank's payload (defaults to our own)."""
         return info

@@ -44,5 +44,9 @@ class RandomKCompressor(Compressor):
         out = b.scatter(ctx.numel, info, payload[0])
         return out * (ctx.numel / b.numel(info)) if self.unbiased else out
 
+    def union(self, reduced, info, ctx):
+        k = k_of(self.ratio, ctx.numel)
+        return k, k                   # shared indices: the aggregate's support is the k positions
+
     def ratio_of(self, numel):
         return numel / k_of(self.ratio, numel)

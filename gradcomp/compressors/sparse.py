@@ -33,3 +33,14 @@ class SparseCompressor(Compressor):
         vals = b.cat([p[0] for p in gathered])
         idx = b.cast(b.cat([p[1] for p in gathered]), "int64")
         return b.scatter_add(ctx.numel, idx, vals) * (1.0 / len(gathered))
+
+    def union(self, gathered, info, ctx):
+        """(distinct indices over all ranks' payloads, mean entries per rank)."""
+        b = ctx.backend
+        idx = [p[1] for p in gathered]
+        kept = sum(b.numel(i) for i in idx) / len(idx)
+        idx = b.cast(b.cat(idx), "int64")
+        if not b.numel(idx):
+            return 0, kept
+        hits = b.scatter_add(ctx.numel, idx, b.zeros(b.numel(idx), "float32", idx) + 1.0)
+        return b.sum(b.cast(b.greater_equal(hits, 0.5), "float32")), kept
