@@ -95,15 +95,21 @@ class GradientSync:
         self.start(named_grads)
         return self.finish()
 
-    def start(self, named_grads: dict, *, donate: bool = False):
+    def start(self, named_grads: dict, *, donate: bool = False, weight: float = 1.0):
         """Compress `named_grads` and issue their collectives; returns immediately.
 
         donate=True gives the gradient arrays away: a payload that is the gradient itself (`none`
         without error feedback) is then summed and averaged in place, and finish() returns views of
         the gradients holding the averages (on any error they hold unspecified values). Without it
-        the gradients are never modified."""
+        the gradients are never modified.
+
+        weight scales this rank's gradients before error feedback and compression, exactly as if the
+        caller had passed weight * g: with w_r = P * n_r / N the average is the mean weighted by the
+        n_r samples each rank processed (gradcomp.balance)."""
         if not isinstance(named_grads, dict):
             raise TypeError("GradientSync expects a dict {name: gradient array}")
+        if weight != 1.0:
+            named_grads = {k: _weighted(g, weight, donate) for k, g in named_grads.items()}
         if not self._checked and self.check_config:
             self.check({k: get_backend(v).shape(v) for k, v in named_grads.items()})
         entries = [self._prepare(name, g, donate) for name, g in named_grads.items()]
@@ -314,6 +320,19 @@ class GradientSync:
         """Forget all residuals and per-tensor state (e.g. after the model or world changed)."""
         self._mem, self._cst, self._shapes, self._work, self._buckets = {}, {}, {}, {}, []
         self._checked = False
+
+
+def _weighted(g, weight, donate):
+    """weight * g in the working precision (float32 for half types, as _prepare would cast)."""
+    w = float(weight)
+    if not w >= 0.0 or w == float("inf"):
+        raise ValueError(f"gradient weight must be a finite number >= 0, got {weight!r}")
+    b = get_backend(g)
+    if not b.is_floating(g):
+        return g                        # _prepare raises its own error for integer gradients
+    if b.dtype(g) in ("float16", "bfloat16"):
+        return b.scale_(b.cast(g, "float32"), w)
+    return b.scale_(g, w) if donate else g * w
 
 
 def _adopt(state: dict, like, b) -> dict:
