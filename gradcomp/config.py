@@ -7,6 +7,7 @@
     GRADCOMP_SYNC        sync policy spec, e.g. "localsgd:period=4"        (default "allreduce")
     GRADCOMP_BACKEND     transport: auto | horovod | mpi | torch           (default "auto")
     GRADCOMP_BUCKET_MB   fusion bucket size in MiB for the optimizers      (default 25)
+    GRADCOMP_VIRTUAL_WORKERS  virtual workers of gradcomp_torch.VirtualWorkers (default: the world size)
 
 Nothing reads the environment at import time: call `from_env()`.
 """
@@ -78,3 +79,19 @@ def from_env(environ=None) -> Config:
     except ValueError:
         raise ValueError(f"GRADCOMP_BUCKET_MB={raw_bucket!r} is not a non-negative number of MiB") from None
     return Config(comp, mem, _int(env, "GRADCOMP_SEED", 0), sync, backend, bucket)
+
+
+def virtual_workers_from_env(environ=None) -> int | None:
+    """GRADCOMP_VIRTUAL_WORKERS as an int >= 1, or None when unset."""
+    env = os.environ if environ is None else environ
+    raw = env.get("GRADCOMP_VIRTUAL_WORKERS", "").strip()
+    if not raw:
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise ValueError(f"GRADCOMP_VIRTUAL_WORKERS={raw!r} is not an int >= 1; set it to the number of virtual "
+                         "workers, e.g. GRADCOMP_VIRTUAL_WORKERS=8, or leave it unset for one per rank")
+    return v
