@@ -17,7 +17,8 @@ from gradcomp_torch.optimizer import DistributedOptimizer
 from gradcomp_torch.runtime import (broadcast_object, broadcast_optimizer_state, broadcast_parameters,
                                     communicator, init, local_rank, rank, shutdown, size)
 from gradcomp_torch.sync_view import TorchParamAccess
+from gradcomp_torch.virtual import VirtualWorkers
 
 __all__ = ["init", "shutdown", "communicator", "rank", "size", "local_rank", "broadcast_parameters",
            "broadcast_optimizer_state", "broadcast_object", "DistributedOptimizer", "Compression", "ddp_hook",
-           "TorchParamAccess", "NonFiniteGradientError"]
+           "TorchParamAccess", "NonFiniteGradientError", "VirtualWorkers"]

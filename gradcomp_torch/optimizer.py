@@ -81,6 +81,7 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
         self._view = TorchParamAccess(self._named, optimizer)
         self._lock = threading.RLock()
         self._step = 0
+        self._weight = 1.0
         self._should_synchronize = True
         self._reset_step_state()
         self._gs.check({n: list(p.shape) for n, p in self._named}, self._fingerprint_extra())
@@ -142,6 +143,21 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
     def stats(self) -> dict:
         """bytes_sent, bytes_dense, steps and ratio of the gradient averaging so far."""
         return self._gs.stats()
+
+    def set_step_share(self, backward_passes: int, weight: float = 1.0):
+        """From the next step on: `backward_passes` backward passes per step on this rank (may differ
+        between ranks; 0 sends only the error-feedback residual), and this rank's accumulated gradient
+        scaled by `weight` before compression (gradcomp.balance: w = P * n_r / N gives the mean weighted
+        by samples). gradcomp_torch.VirtualWorkers calls it before every step."""
+        if not isinstance(backward_passes, int) or backward_passes < 0:
+            raise ValueError(f"backward_passes must be an int >= 0, got {backward_passes!r}")
+        if not float(weight) >= 0.0 or float(weight) == float("inf"):
+            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        with self._lock:
+            if self._pass or self._launched:
+                raise RuntimeError("set_step_share() during a step (after a backward pass): call it after "
+                                   "optimizer.step() and before the next step's first backward")
+            self.backward_passes_per_step, self._weight = backward_passes, float(weight)
 
     # ------------------------------------------------------------------ per-step state
     def _reset_step_state(self):
@@ -209,7 +225,7 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
             named[name] = g.detach()
         self._next = b + 1
         self._launched = True
-        self._gs.start(named, donate=True)      # p.grad receives the average anyway: no copies for `none`
+        self._gs.start(named, donate=True, weight=self._weight)  # p.grad receives the average: no copies
 
     # ------------------------------------------------------------------ synchronize / step
     @torch.no_grad()
