@@ -79,8 +79,11 @@ class GradientSync:
 
     # ------------------------------------------------------------------ configuration
     def fingerprint(self, named_shapes: dict) -> dict:
+        """What every rank must agree on: configuration, tensor names and shapes, and their order
+        (`order`: the collectives fuse tensors by position, so a permuted model would average
+        different layers together)."""
         return {"compressor": self.compressor.spec(), "memory": self.memory.spec(), "seed": self.seed,
-                "tensors": {k: list(v) for k, v in named_shapes.items()}}
+                "tensors": {k: list(v) for k, v in named_shapes.items()}, "order": list(named_shapes)}
 
     def check(self, named_shapes: dict, extra: dict | None = None):
         """Compare configuration and tensor names/shapes across ranks (ConfigMismatchError on all)."""

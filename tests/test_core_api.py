@@ -284,7 +284,7 @@ def test_mismatched_collectives_raise_instead_of_hanging():
 
 
 # --------------------------------------------------------------------------- cross-rank config
-@pytest.mark.parametrize("what", ["compressor", "memory", "seed", "shapes", "names"])
+@pytest.mark.parametrize("what", ["compressor", "memory", "seed", "shapes", "names", "order"])
 def test_mismatched_configuration_raises_on_every_rank(what):
     def fn(comm):
         odd = comm.rank == 1
@@ -300,6 +300,8 @@ def test_mismatched_configuration_raises_on_every_rank(what):
             grads["w"] = np.ones(11, np.float32)
         if odd and what == "names":
             grads["c"] = grads.pop("b")
+        if odd and what == "order":               # same names and shapes, registered in another order
+            grads = dict(reversed(grads.items()))
         return gradcomp.GradientSync(comm=comm, **kw).step(grads)
 
     t0 = time.monotonic()
@@ -310,6 +312,8 @@ def test_mismatched_configuration_raises_on_every_rank(what):
         assert "rank 1" in str(e) and "GRADCOMP_" in str(e)
     key = {"shapes": "tensors", "names": "tensors"}.get(what, what)
     assert key in str(errs[0])
+    if what == "order":                           # names the first differing position and entries
+        assert all('order: first difference at position 0: rank 0: "w"; rank 1: "b"' in str(e) for e in errs), errs
 
 
 def test_non_finite_gradient_on_one_rank_raises_everywhere_and_loses_nothing():

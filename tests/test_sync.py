@@ -380,6 +380,21 @@ def test_nonfinite_average_raises_on_every_rank_and_keeps_params():
     assert gradcomp.LocalWorld(2, timeout=30).run(body) == [True, True]
 
 
+def test_parameters_in_another_order_raise_config_mismatch_on_every_rank():
+    """The parameter exchange fuses tensors by position: a permuted model must not be averaged."""
+    def body(comm):
+        p = init_params(np.float64)
+        if comm.rank == 1:
+            p = dict(reversed(p.items()))
+        pol = gradcomp.create("localsgd:period=1", "sync").bind(comm)
+        try:
+            pol.before_step(0, NumpyParams(p, NumpySGD(p, 0.1)))
+        except ConfigMismatchError as e:
+            return 'order: first difference at position 0: rank 0: "W"; rank 1: "b"' in str(e)
+        return False
+    assert gradcomp.LocalWorld(2, timeout=30).run(body) == [True, True]
+
+
 def test_mismatched_models_raise_config_mismatch_on_every_rank():
     def body(comm):
         p = init_params(np.float64)

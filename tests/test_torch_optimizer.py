@@ -325,6 +325,24 @@ def test_config_mismatch_raises_on_all_ranks():
         assert all(msg is not None and word in msg for msg in msgs), msgs
 
 
+def test_parameters_in_another_order_raise_config_mismatch_on_all_ranks():
+    """Same names and shapes, but rank 1's optimizer holds them in reverse order: the buckets would
+    fuse different layers together, so every rank stops and names the first differing position."""
+    def fn(comm):
+        m = make_model()
+        ps = list(m.parameters())
+        opt = torch.optim.SGD(ps[::-1] if comm.rank == 1 else ps, lr=0.1)
+        try:
+            wrap(m, comm, opt=opt)
+        except gradcomp.ConfigMismatchError as e:
+            return str(e)
+        return None
+
+    msgs = gradcomp.LocalWorld(N, timeout=30).run(fn)
+    assert all(msg is not None and 'order: first difference at position 0: rank 0: "0.weight"; '
+               'rank 1: "2.bias"' in msg for msg in msgs), msgs
+
+
 def test_bad_specs_raise_value_error():
     m = make_model()
     sgd = torch.optim.SGD(m.parameters(), lr=0.1)

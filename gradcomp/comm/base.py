@@ -151,7 +151,9 @@ class ConfigMismatchError(RuntimeError):
 def check_consistent(comm: Communicator, config: dict, what: str = "gradcomp configuration"):
     """Compare `config` across ranks; on any difference raise ConfigMismatchError on *every* rank.
 
-    The error names the keys that differ and each rank's value, so the launch can be fixed.
+    The error names the keys that differ and each rank's value, so the launch can be fixed; for a
+    list-valued key (e.g. `order`, the tensor names in registration order) it names the first
+    position at which the ranks' lists differ and each rank's entry there.
     """
     if comm.size == 1:
         return
@@ -164,11 +166,23 @@ def check_consistent(comm: Communicator, config: dict, what: str = "gradcomp con
     for k in keys:
         vals = [e["config"].get(k, "<missing>") for e in everyone]
         if any(v != vals[0] for v in vals):
-            shown = "; ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(vals))
+            if all(isinstance(v, list) for v in vals):
+                i = _first_difference(vals)
+                at = lambda v: _short(v[i]) if i < len(v) else "<end of list>"  # noqa: E731
+                shown = f"first difference at position {i}: " + "; ".join(
+                    f"rank {r}: {at(v)}" for r, v in enumerate(vals))
+            else:
+                shown = "; ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(vals))
             lines.append(f"  {k}: {shown}")
     raise ConfigMismatchError(
         f"{what} differs across ranks (seen on rank {comm.rank}):\n" + "\n".join(lines)
         + "\nStart every rank with the same GRADCOMP_* variables, arguments and model.")
+
+
+def _first_difference(lists) -> int:
+    """The first index at which the lists are not all equal (their common length if one ends first)."""
+    n = min(len(v) for v in lists)
+    return next((i for i in range(n) if any(v[i] != lists[0][i] for v in lists)), n)
 
 
 def _short(v, n=160):

@@ -259,7 +259,8 @@ class PeriodicPolicy(SyncPolicy):
                                 "parameters can be averaged")
             shapes[n] = list(b.shape(x))
         delta = self.delta_compressor.spec() if self._delta is not None else None
-        check_consistent(self.comm, {"sync": self.spec(), "delta_compressor": delta, "tensors": shapes},
+        check_consistent(self.comm, {"sync": self.spec(), "delta_compressor": delta, "tensors": shapes,
+                                     "order": list(shapes)},   # the exchange fuses tensors by position
                          what="gradcomp sync policy configuration")
         self._checked = True
 
