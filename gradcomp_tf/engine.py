@@ -6,6 +6,9 @@ What runs where, for one step of named gradients:
                            TF ops on the tensors' device; HostComm hands only the fused payloads to
                            the transport (one allreduce per payload dtype, or one allgather, plus a
                            1-float non-finite flag). Every compressor, memory and sync policy.
+                           A periodic policy's local step (no averaging) still sends that flag:
+                           NaN/Inf on any rank raises NonFiniteGradientError on every rank before
+                           the optimizer step.
   tf.function, "graph"     compression, decode and error feedback are traced as graph ops (residuals
                            live in tf.Variables, the step number is a graph input so shared random
                            draws change every step); every collective of a round is fused into ONE
@@ -28,7 +31,8 @@ import tensorflow as tf
 import gradcomp
 from gradcomp import registry
 from gradcomp.config import resolve_memory
-from gradcomp.pipeline import GradientSync
+from gradcomp.finite import agree_nonfinite
+from gradcomp.pipeline import GradientSync, NonFiniteGradientError
 from gradcomp.sync.base import SyncPolicy
 from gradcomp_tf import runtime
 
@@ -185,6 +189,13 @@ class Exchange:
             grads = [out[n] for n in names]
             if self._graph is not None:
                 self._graph.push_state()
+        elif self.sync.check_finite:        # a local step: still agree on NaN/Inf before anything changes
+            bad = agree_nonfinite(self.comm, grads, name="nonfinite.local")
+            if bad:
+                raise NonFiniteGradientError(
+                    f"step {step}: {bad} non-finite gradient value(s) across ranks on a local step of sync "
+                    f"policy {self.policy.spec()!r}; skipped on every rank, no parameter or optimizer state "
+                    "was changed. Lower the learning rate, scale the loss, or skip this batch.")
         if self.view is not None:
             self.policy.before_step(step, self.view)
         self.step += 1

@@ -17,12 +17,15 @@ How one step runs (Horovod's semantics, over gradcomp.GradientSync):
      policy.before_step, the wrapped optimizer's step, policy.after_step.
 Sync policies decide per step whether gradients are averaged at all (local SGD does not).
 If any rank produced NaN/Inf, every rank's gradients become NaN: a GradScaler then skips the step
-on all ranks alike; a plain step() raises NonFiniteGradientError on all ranks.
+on all ranks alike; a plain step() raises NonFiniteGradientError on all ranks. On the local steps
+of a periodic policy (no gradient averaging) step() still agrees on that, with one 4-byte
+allreduce of every rank's count (gradcomp.finite.start_nonfinite, issued at the end of backward),
+before anything is changed.
 Reading `optimizer.param_groups` after backward (GradScaler.unscale_ does) first finishes the
 pending averaging, so loss scaling works as `scaler.step(opt)` with no extra call. Modifying
 p.grad between backward and step needs `synchronize()` first (as in Horovod), then
-`with opt.skip_synchronize(): opt.step()`. With a periodic policy (localsgd, ...) and a GradScaler,
-call `opt.synchronize()` on every rank after backward: it agrees on non-finite gradients (4 bytes).
+`with opt.skip_synchronize(): opt.step()`. With a periodic policy (localsgd, ...) the same holds:
+GradScaler.unscale_ reading param_groups runs that agreement, so every rank skips the step alike.
 """
 from __future__ import annotations
 
@@ -32,11 +35,11 @@ import warnings
 import weakref
 from collections import OrderedDict
 
-import numpy as np
 import torch
 
 from gradcomp import registry
 from gradcomp.comm.base import Communicator
+from gradcomp.finite import start_nonfinite
 from gradcomp.pipeline import GradientSync, NonFiniteGradientError
 from gradcomp_torch import runtime
 from gradcomp_torch.buckets import make_buckets, name_parameters
@@ -92,7 +95,7 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
     # ------------------------------------------------------------------ torch.optim surface
     @property
     def param_groups(self):
-        if self.__dict__.get("_backward_done") and self._launched and not self._synced:
+        if self.__dict__.get("_backward_done") and not self._synced:
             self.synchronize()      # GradScaler.unscale_ and friends must see averaged gradients
         return self.inner.param_groups
 
@@ -171,6 +174,7 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
         self._synced = False
         self._nonfinite = None
         self._sync_now = None
+        self._local_flag = None          # a local step's non-finite agreement, issued at backward end
 
     def _sync_this_step(self) -> bool:
         if self._sync_now is None:
@@ -206,6 +210,8 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
             if self._pass >= self.backward_passes_per_step:
                 if self._sync_this_step():
                     self._launch_rest()
+                else:
+                    self._local_flag = self._start_local_flag()
                 self._backward_done = True
 
     def _launch_rest(self):
@@ -256,11 +262,16 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
                             p.grad.copy_(avg.reshape(p.grad.shape))     # else averaged in place already
             self._synced = True
 
+    def _start_local_flag(self):
+        return start_nonfinite(self.comm, [p.grad for _, p in self._named], name="nonfinite.local")
+
     def _agree_finite(self):
-        local = sum(float((~torch.isfinite(p.grad)).sum()) for _, p in self._named if p.grad is not None)
-        total = self.comm.allreduce(np.array([local], dtype=np.float32), name="nonfinite.local").wait()
-        if float(np.asarray(total).reshape(-1)[0]):
-            self._nonfinite = NonFiniteGradientError("non-finite gradients on some rank (local step)")
+        h, self._local_flag = self._local_flag or self._start_local_flag(), None
+        bad = h.wait()
+        if bad:
+            self._nonfinite = NonFiniteGradientError(
+                f"{bad} non-finite gradient value(s) across ranks on a local step of sync policy "
+                f"{self._policy.spec()!r}; no parameter or optimizer state was changed.")
             self._fill_nan()
 
     def _fill_nan(self):
@@ -286,8 +297,9 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 loss = closure()
         with self._lock:
             if self._should_synchronize:
-                if self._sync_this_step():
-                    self.synchronize()
+                self.synchronize()          # a local step agrees on non-finite gradients only
+            elif self._local_flag is not None and not self._synced:
+                self._agree_finite()        # the local step's agreement, issued by every rank
             elif self._launched and not self._synced:
                 raise RuntimeError("step() inside skip_synchronize() while gradients are still being averaged: "
                                    "call optimizer.synchronize() after backward and before step()")
@@ -306,7 +318,9 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True):
         with self._lock:
-            if self._launched and not self._synced:
+            if self._local_flag is not None and not self._synced:
+                self._local_flag.wait()       # every rank issued it; finish it (the step is discarded)
+            elif self._launched and not self._synced:
                 warnings.warn("zero_grad() called while gradients were being averaged; the averaging was "
                               "finished and discarded. Call zero_grad() before backward or after step().",
                               stacklevel=2)

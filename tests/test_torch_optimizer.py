@@ -559,6 +559,66 @@ def test_local_steps_with_grad_scaler_agree_on_overflow():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("sync", ["localsgd:period=3", "da:period=3", "da-pipelined:period=3",
+                                  "slowmo:period=3,buffers=average"])
+def test_nan_on_a_local_step_raises_on_every_rank_and_changes_nothing(sync):
+    """A periodic policy's local step averages no gradients, but plain step() still agrees on NaN:
+    every rank raises, no parameter or momentum buffer moves, and training goes on in step."""
+    def fn(comm):
+        m = make_model()
+        opt = wrap(m, comm, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), sync=sync)
+        for s in range(4):
+            opt.zero_grad()
+            loss = loss_of(m, s, comm.rank)
+            if s == 1 and comm.rank == 1:
+                loss = loss * float("nan")
+            loss.backward()
+            if s != 1:
+                opt.step()
+                continue
+            before = params(m), {k: v["momentum_buffer"].clone() for k, v in opt.state.items()}
+            try:
+                opt.step()
+                return "no error"
+            except gct.NonFiniteGradientError as e:
+                assert "local step" in str(e) and "no parameter or optimizer state was changed" in str(e), e
+            assert all(torch.equal(a, b) for a, b in zip(before[0], params(m)))
+            assert all(torch.equal(before[1][k], v["momentum_buffer"]) for k, v in opt.state.items())
+        opt.policy.flush()
+        return params(m)
+
+    p0, p1 = gradcomp.LocalWorld(N, timeout=60).run(fn)
+    assert p0 != "no error" and p1 != "no error"
+    for a, b in zip(p0, p1):                  # steps 0, 2, 3 taken; the third (step 3) synchronized
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+def test_local_steps_with_grad_scaler_need_no_synchronize_call():
+    """GradScaler.unscale_ reads param_groups, which runs the local step's agreement: both ranks
+    skip rank 0's overflow together without an explicit opt.synchronize()."""
+    def fn(comm):
+        m = make_model()
+        opt = wrap(m, comm, sync="localsgd:period=2")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        scales = []
+        for s in range(5):
+            opt.zero_grad()
+            loss = loss_of(m, s, comm.rank)
+            if s == 1 and comm.rank == 0:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        return scales, params(m)
+
+    (s0, p0), (s1, p1) = gradcomp.LocalWorld(N, timeout=30).run(fn)
+    assert s0 == s1 and s0[1] == s0[0] / 2
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b)
+
+
 def test_reading_param_groups_on_one_rank_only():
     """A rank that reads param_groups between backward and step finishes its averaging early; harmless."""
     def fn(comm):

@@ -21,7 +21,10 @@ travel as float32). `PeriodicPolicy` holds what the policies share:
              compressor's residuals in state_dict(); a pending exchange is drained first.
 
 The averaged parameters are checked for NaN/Inf before anything is written: FloatingPointError
-on every rank, parameters left as they were.
+on every rank, parameters left as they were, the message saying whether this rank's own
+parameters are non-finite. The adapters check every local step's gradients first
+(gradcomp.finite), so a NaN gradient stops every rank at its local step, before it reaches a
+parameter; what remains for this check is an optimizer update that overflowed.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from gradcomp import registry
 from gradcomp.backend import get_backend
 from gradcomp.comm.base import Handle, check_consistent
 from gradcomp.params import Param
+from gradcomp.pipeline import NonFiniteGradientError
 from gradcomp.sync.base import SyncPolicy
 
 _WIRE = {"float16": "float32", "bfloat16": "float32"}
@@ -197,10 +201,9 @@ class PeriodicPolicy(SyncPolicy):
                 extra = [b.from_numpy(np.asarray(presence, dtype=wire), params[0])]
             h = fused_allreduce(self.comm, list(params) + extra, name=f"{tag}.params")
             sums = h.wait()
-            if h.nonfinite():
-                raise FloatingPointError(
-                    f"{self.name}: the parameter average at sync {self._syncs} has non-finite values; parameters "
-                    "were left unchanged. Lower the learning rate or check the data for NaN/Inf.")
+            bad = h.nonfinite()
+            if bad:
+                raise self._diverged(f"the parameter average has {int(bad)} non-finite value(s)", params)
             counts = [float(v) for v in b.to_numpy(sums[-1])] if presence is not None else None
             scale = 1.0 / size
             return {n: (s * scale if size > 1 else s) for n, s in zip(names, sums)}, counts
@@ -211,10 +214,24 @@ class PeriodicPolicy(SyncPolicy):
         try:
             anchor = {n: as_like(self._anchor[n], p) for n, p in zip(names, params)}
             deltas = {n: p - anchor[n] for n, p in zip(names, params)}
-            avg_delta = self._delta.step(deltas)
+            try:
+                avg_delta = self._delta.step(deltas)
+            except NonFiniteGradientError as e:
+                raise self._diverged(f"the compressed parameter deltas could not be averaged ({e})", params) from e
         finally:
             counts = [float(v) for v in get_backend(params[0]).to_numpy(hp.wait())] if hp is not None else None
         return {n: anchor[n] + avg_delta[n] for n in names}, counts
+
+    def _diverged(self, what, params) -> FloatingPointError:
+        """The error of a sync whose average is not finite: nothing is written, and the message says
+        which rank's own parameters are already non-finite (local steps diverged there)."""
+        mine = sum(get_backend(p).item(get_backend(p).count_nonfinite(p)) for p in params)
+        where = (f"this rank's own parameters hold {int(mine)} non-finite value(s), so local steps diverged "
+                 "here" if mine else "this rank's own parameters are finite; another rank's diverged")
+        return FloatingPointError(
+            f"{self.name}: sync {self._syncs}: {what}; {where}. This exchange wrote nothing (every rank keeps "
+            "its parameters as they are). The adapters check every local step's gradients, so the likely "
+            "cause is an optimizer update that overflowed: restore a checkpoint and lower the learning rate.")
 
     def _drain(self, count: bool = True):
         if self._pending is None:
