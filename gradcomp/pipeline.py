@@ -269,6 +269,7 @@ class GradientSync:
                         avg = comp.aggregate(e.gathered, e.info, e.ctx)
                     local = comp.decompress(e.payload, e.info, e.ctx) if self.memory.needs_local_decode else None
                     mem = self.memory.update(e.g, e.x, local, avg, self._mem[e.name], e.ctx)
+                    avg = self.memory.output(avg, mem, e.ctx)
                     commits.append((e, mem, comp.new_state(e.info, self._cst[e.name], e.ctx)))
                     out[e.name] = b.reshape(b.cast(avg, e.dtype), e.shape)
         except BaseException:

@@ -25,8 +25,11 @@ tf.train.Checkpoint through the optimizer (`gradcomp_state`; per rank, see check
 """
 from __future__ import annotations
 
+import warnings
+
 import keras
 
+from gradcomp.momentum import hand_over, owners, refuse
 from gradcomp_tf.checkpoint import GradcompState
 from gradcomp_tf.engine import Exchange, dense, variable_names
 from gradcomp_tf.sync_view import KerasParamView
@@ -118,9 +121,29 @@ def DistributedOptimizer(optimizer, compressor=None, memory=None, backend=None, 
                              "or leave gradient_accumulation_steps unset")
         config["gradient_accumulation_steps"] = bpps
     base = type(optimizer)
+    exchange = Exchange(compressor, memory, backend, sync=sync, seed=seed)
+    _take_over_momentum(config, base, exchange)
     cls = type(base.__name__, (_DistributedMixin, base),
                {"__module__": base.__module__, "__qualname__": base.__qualname__,
                 "__doc__": f"gradcomp_tf.DistributedOptimizer over {base.__name__}."})
     opt = cls.from_config(config)
-    opt._gc_setup(Exchange(compressor, memory, backend, sync=sync, seed=seed), bpps, mode)
+    opt._gc_setup(exchange, bpps, mode)
     return opt
+
+
+def _take_over_momentum(config, base, exchange):
+    """A method that implements momentum (dgc, gmc, signum) takes SGD's over (gradcomp/momentum.py).
+
+    Keras' weight decay is decoupled (w -= lr * wd * w after the update, never with momentum), so
+    it is left as it is."""
+    if not owners(exchange.sync):
+        return
+    if not issubclass(base, keras.optimizers.SGD):
+        refuse(exchange.sync, base.__name__)
+    m = float(config.get("momentum", 0.0) or 0.0)
+    msg = hand_over(exchange.sync, [(None, m, bool(config.get("nesterov", False)), 0.0)], base.__name__)
+    if msg is None:
+        return
+    config["momentum"], config["nesterov"] = 0.0, False
+    if exchange.comm.rank == 0:
+        warnings.warn(msg, stacklevel=3)

@@ -45,6 +45,7 @@ from gradcomp_torch import runtime
 from gradcomp_torch.buckets import make_buckets, name_parameters
 from gradcomp_torch.checkpoint import CheckpointMixin
 from gradcomp_torch.config import resolve_config
+from gradcomp_torch.momentum import take_over
 from gradcomp_torch.sync_view import TorchParamAccess
 
 
@@ -82,6 +83,7 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
         self._policy = registry.create(cfg.sync, "sync").bind(comm, compressor=self._gs.compressor,
                                                               seed=cfg.seed)
         self._view = TorchParamAccess(self._named, optimizer)
+        self._wd_momentum = take_over(optimizer, self._named, self._gs, comm.rank)   # gradcomp_torch/momentum.py
         self._lock = threading.RLock()
         self._step = 0
         self._weight = 1.0
@@ -310,6 +312,8 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
                     f"step {self._step}: {err} Skipped on every rank; use torch.amp.GradScaler, lower the "
                     "learning rate, or catch this error and continue") from err
             self._policy.before_step(self._step, self._view)
+            if self._wd_momentum is not None:
+                self._wd_momentum.apply()
             self.inner.step()
             self._policy.after_step(self._step, self._view)
             self._step += 1

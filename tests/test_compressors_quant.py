@@ -28,12 +28,13 @@ def world(size, fn):
     return gradcomp.LocalWorld(size, timeout=60).run(fn)
 
 
-def ctx_for(b, n, *, dtype="float32", step=0, seed=0, rank=0, size=1, name="w"):
-    return Ctx(b, name, (n,), dtype, n, step, seed, rank, size)
+def ctx_for(b, n, *, dtype="float32", step=0, seed=0, rank=0, size=1, name="w", shape=None):
+    return Ctx(b, name, (n,) if shape is None else tuple(shape), dtype, n, step, seed, rank, size)
 
 
-def expected_bytes(spec, x):
-    """Payload bytes of one rank for flat gradient x (compute dtype itemsize for sparse values)."""
+def expected_bytes(spec, x, ndim=2):
+    """Payload bytes of one rank for flat gradient x of a tensor with `ndim` dimensions (compute
+    dtype itemsize for sparse values)."""
     comp = gradcomp.create(spec)
     n, ceil8 = x.size, (x.size + 7) // 8
     vsize = 8 if x.dtype == np.float64 else 4
@@ -41,13 +42,13 @@ def expected_bytes(spec, x):
     if name == "threshold":
         return int(np.count_nonzero(np.abs(x) >= comp.threshold)) * (vsize + 4)
     if name == "dgc":
-        return comp.k_at(0, n) * (vsize + 4)
+        return n * vsize if ndim <= 1 else comp.k_at(0, n) * (vsize + 4)     # <= 1-D tensors go dense
     if name == "qsgd":
         nb = 1 if comp.bucket in (0,) or comp.bucket >= n else math.ceil(n / comp.bucket)
         bits = 8 if comp.levels >= 64 else math.ceil(math.log2(2 * comp.levels + 1))
         return 4 * nb + (n if bits == 8 else bits * ceil8)
-    return {"terngrad": 4 + 2 * ceil8, "natural": n + ceil8, "onebit": 8 + ceil8, "signsgd": ceil8,
-            "signum": ceil8, "efsignsgd": 4 + ceil8}[name]
+    return {"terngrad": 4 + 2 * ceil8, "natural": n + ceil8, "onebit": 8 + ceil8, "signsgd": 4 + ceil8,
+            "signum": 4 + ceil8, "efsignsgd": 4 + ceil8}[name]
 
 
 # --------------------------------------------------------------------------- shapes, dtypes, bytes
@@ -66,12 +67,13 @@ def test_decoded_shapes_dtypes_and_exact_bytes(spec, dtype):
         for k, g in grads.items():        # nbytes of the payload arrays, computed independently
             if g.size:
                 flat = g.reshape(-1).astype(np.float64 if dtype == "float64" else np.float32)
-                ctx = ctx_for(NP, g.size, dtype=dtype, seed=3, rank=comm.rank, size=comm.size, name=k)
+                ctx = ctx_for(NP, g.size, dtype=dtype, seed=3, rank=comm.rank, size=comm.size, name=k,
+                              shape=g.shape)
                 x = sync.memory.compensate(flat, sync.memory.init_state(flat, ctx), ctx)
                 p, _ = comp.compress(x, comp.init_state(x, ctx), ctx)
                 direct += sum(a.nbytes for a in p)
-        formula = sum(expected_bytes(spec, g.reshape(-1).astype(np.float64 if dtype == "float64" else np.float32))
-                      for g in grads.values() if g.size)
+        formula = sum(expected_bytes(spec, g.reshape(-1).astype(np.float64 if dtype == "float64" else np.float32),
+                                     g.ndim) for g in grads.values() if g.size)
         return grads, out, sync.stats(), direct, formula
 
     res = world(3, fn)
@@ -234,12 +236,19 @@ def test_signsgd_majority_vote_on_a_constructed_example():
             return gradcomp.GradientSync(spec, comm=comm).step({"w": g[comm.rank]})["w"]
         return world(size, fn)
 
-    for out in run(4, "signsgd"):
+    for out in run(4, "signsgd:scale=1"):
         np.testing.assert_array_equal(out, expect4)
     for out in run(3, "signsgd:scale=0.25"):
         np.testing.assert_array_equal(out, 0.25 * expect3)
-    for out in run(3, "signum"):          # first step: m = (1 - beta) g, same signs
+    for out in run(3, "signum:scale=1"):          # first step: m = g, same signs
         np.testing.assert_array_equal(out, expect3)
+    # scale=mean (the default): the vote times the ranks' mean of mean |g_r|
+    a = np.mean([np.float32(np.mean(np.abs(x.astype(np.float64)))) for x in g])
+    for out in run(4, "signsgd"):
+        np.testing.assert_allclose(out, a * expect4, rtol=1e-6)
+    a3 = np.mean([np.float32(np.mean(np.abs(x.astype(np.float64)))) for x in g[:3]])
+    for out in run(3, "signum"):
+        np.testing.assert_allclose(out, a3 * expect3, rtol=1e-6)
 
 
 def test_signum_momentum_lives_in_committed_compressor_state():
@@ -248,18 +257,18 @@ def test_signum_momentum_lives_in_committed_compressor_state():
     g2 = np.array([-0.05, -0.5, -2.0, 0.0, 0.05], np.float32)
 
     def fn(comm):
-        sync = gradcomp.GradientSync(f"signum:beta={beta}", comm=comm)
+        sync = gradcomp.GradientSync(f"signum:beta={beta},scale=1", comm=comm)
         sync.step({"w": g1})
         out = sync.step({"w": g2})["w"]
         return out, sync.state_dict()["compressor_state"]["w"]["momentum"]
 
-    m = (1 - beta) * g1
-    m = beta * m + (1 - beta) * g2            # [0.085, 0.04, -0.11, 0.09, 0.095]
+    m = g1                                    # SGD's buffer convention: m <- beta m + g
+    m = beta * m + g2                         # [0.85, 0.4, -1.1, 0.9, 0.95]
     for out, mom in world(2, fn):
         np.testing.assert_allclose(mom, m, rtol=1e-6)
         np.testing.assert_array_equal(out, np.where(m >= 0, 1, -1))
     # signSGD on the same second gradient would follow g2 instead
-    out = gradcomp.GradientSync("signsgd").step({"w": g2})["w"]
+    out = gradcomp.GradientSync("signsgd:scale=1").step({"w": g2})["w"]
     np.testing.assert_array_equal(out, np.where(g2 >= 0, 1, -1))
 
 
@@ -268,11 +277,11 @@ def test_dgc_warmup_schedule_gives_the_documented_k_per_step():
     n, r, d0, W = 20000, 0.001, 0.25, 8
 
     def fn(comm):
-        sync = gradcomp.GradientSync(f"dgc:ratio={r},init_ratio={d0},warmup_steps={W}", comm=comm)
+        sync = gradcomp.GradientSync(f"dgc:ratio={r},init_ratio={d0},warmup_steps={W},stages=0", comm=comm)
         rng = np.random.default_rng(comm.rank)
         per_step, last = [], 0
         for _ in range(W + 3):
-            sync.step({"w": rng.standard_normal(n).astype(np.float32)})
+            sync.step({"w": rng.standard_normal((100, n // 100)).astype(np.float32)})
             per_step.append(sync.stats()["bytes_sent"] - last)
             last = sync.stats()["bytes_sent"]
         return per_step
@@ -297,7 +306,8 @@ def test_dgc_memory_momentum_correction_and_factor_masking(nesterov):
     gs = [[np.random.default_rng([s, r]).standard_normal(n).astype(np.float64) for s in range(3)] for r in range(2)]
 
     def fn(comm):
-        sync = gradcomp.GradientSync(f"dgc:ratio={ratio}", memory=f"dgc:momentum={m},nesterov={nesterov}",
+        sync = gradcomp.GradientSync(f"dgc:ratio={ratio},warmup_steps=0,dense_1d=false",
+                                     memory=f"dgc:momentum={m},nesterov={nesterov}",
                                      comm=comm)
         outs = [sync.step({"w": g})["w"] for g in gs[comm.rank]]
         st = sync.state_dict()["memory_state"]["w"]
@@ -345,10 +355,10 @@ def test_dgc_local_gradient_clipping():
 
 def test_dgc_state_dict_round_trip():
     g = [np.random.default_rng(t).standard_normal(300).astype(np.float32) for t in range(4)]
-    a = gradcomp.GradientSync("dgc:ratio=0.02,warmup_steps=3")
+    a = gradcomp.GradientSync("dgc:ratio=0.02,warmup_steps=3,dense_1d=false")
     for t in range(2):
         a.step({"w": g[t]})
-    b = gradcomp.GradientSync("dgc:ratio=0.02,warmup_steps=3")
+    b = gradcomp.GradientSync("dgc:ratio=0.02,warmup_steps=3,dense_1d=false")
     b.load_state_dict(a.state_dict())
     for t in range(2, 4):
         np.testing.assert_array_equal(a.step({"w": g[t]})["w"], b.step({"w": g[t]})["w"])

@@ -80,6 +80,9 @@ class Backend:
     def scatter(self, n: int, idx, values): raise NotImplementedError  # dense 1-D of n, values at idx
     def scatter_add(self, n: int, idx, values): raise NotImplementedError
     def nonzero(self, mask): raise NotImplementedError             # int64 indices where mask
+    def zero_at(self, x, idx):                         # x with x[idx] = 0 (idx int64); may modify x in place
+        hit = self.scatter(self.numel(x), idx, self.gather(x, idx))
+        return x - hit
     def abs_ge_indices(self, x, thr):
         """int64 indices i (ascending) with |x_i| >= thr (0-d array or float): threshold selection.
         Backends may stream it in cache-sized chunks; it must equal nonzero(|x| >= thr)."""

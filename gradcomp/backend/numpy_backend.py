@@ -113,6 +113,9 @@ class NumpyBackend(Backend):
         out = np.zeros(n, dtype=values.dtype); np.add.at(out, idx, values)
         return out
     def nonzero(self, mask): return np.flatnonzero(mask).astype(np.int64)
+    def zero_at(self, x, idx):
+        x[idx] = 0
+        return x
     def sort(self, x): return np.sort(x)
 
     def matmul(self, a, b): return np.matmul(a, b)

@@ -105,6 +105,8 @@ class TFBackend(Backend):
     def scatter_add(self, n, idx, values):
         return tf.scatter_nd(tf.reshape(idx, [-1, 1]), values, [n])
     def nonzero(self, mask): return tf.reshape(tf.where(tf.reshape(mask, [-1])), [-1])
+    def zero_at(self, x, idx):
+        return tf.tensor_scatter_nd_update(x, tf.reshape(idx, [-1, 1]), tf.zeros(tf.shape(idx)[:1], x.dtype))
     def sort(self, x): return tf.sort(x)
 
     def traced_key(self, seed, step, name, purpose):

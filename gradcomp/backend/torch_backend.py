@@ -173,6 +173,7 @@ class TorchBackend(Backend):
         out = torch.zeros(n, dtype=values.dtype, device=values.device)
         return out.index_add_(0, idx, values)
     def nonzero(self, mask): return torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1)
+    def zero_at(self, x, idx): return x.index_fill_(0, idx, 0)
     def abs_ge_indices(self, x, thr):
         # |x| >= t as (x >= t) | (x <= -t): two bool passes, no |x| temporary as large as x. The
         # mask is then scanned 8 flags at a time as int64 words (nonzero over n/8 words), and only

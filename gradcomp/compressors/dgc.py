@@ -21,7 +21,14 @@ r = ratio, W = warmup_steps, S = stages:
 The paper's ImageNet schedule (75%, 93.75%, 98.4375%, 99.6%, then 99.9% sparsity, one epoch
 each) is init_ratio=0.25, ratio=0.001, stages=4, warmup_steps = 4 epochs of steps. t is the
 pipeline's step, the same on every rank, so every rank sends the same k and payload sizes stay
-fixed. Default warmup_steps=0 (no warm-up): set it to your steps per epoch times 4.
+fixed. Warm-up is on by default (warmup_steps=1000, stages=4): the schedule is counted in steps
+because neither optimizer adapter knows the length of an epoch; for the paper's "4 epochs" set
+warmup_steps to 4 x your steps per epoch (len(loader)); warmup_steps=0 turns it off.
+
+Tensors with at most one dimension (biases, norm scales and shifts) are sent dense (`dense_1d`,
+as in the reference implementation, which compresses only tensors with more than one dimension):
+payload = the whole vector, averaged; ctx.memo "dense" tells the `dgc` memory to keep their
+momentum unmasked (heavy-ball momentum on the averaged gradient, the reference's treatment).
 """
 import numbers
 
@@ -39,8 +46,9 @@ class DGCCompressor(TopKCompressor):
         "ratio": Param(float, 0.001, "final density (fraction of entries sent)", lo=0.0, hi=1.0, lo_open=True),
         "init_ratio": Param(float, 0.25, "warm-up: density at step 0 (at least ratio)", lo=0.0, hi=1.0,
                             lo_open=True),
-        "warmup_steps": Param(int, 0, "warm-up length in steps (0 = no warm-up)", lo=0),
-        "stages": Param(int, 0, "warm-up plateaus (0 = decay every step)", lo=0),
+        "warmup_steps": Param(int, 1000, "warm-up length in steps (0 = no warm-up)", lo=0),
+        "stages": Param(int, 4, "warm-up plateaus (0 = decay every step)", lo=0),
+        "dense_1d": Param(bool, True, "send tensors with <= 1 dimension dense (biases, norm vectors)"),
         "sample": TopKCompressor.params["sample"],
         "slack": TopKCompressor.params["slack"],
     }
@@ -63,6 +71,20 @@ class DGCCompressor(TopKCompressor):
         return k_of(self.density(step), numel)
 
     def compress(self, x, state, ctx):
+        if self.dense_1d and len(ctx.shape) <= 1:
+            ctx.memo["dense"] = True
+            return [x], "dense"
         b = ctx.backend
         idx = b.sort(self.select(x, self.k_at(ctx.step, ctx.numel), ctx))
         return self.pack(x, idx, ctx), None
+
+    def decompress(self, payload, info, ctx):
+        return payload[0] if info == "dense" else super().decompress(payload, info, ctx)
+
+    def aggregate(self, gathered, info, ctx):
+        if info != "dense":
+            return super().aggregate(gathered, info, ctx)
+        total = gathered[0][0]
+        for p in gathered[1:]:
+            total = total + p[0]
+        return total * (1.0 / len(gathered))

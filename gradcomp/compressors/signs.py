@@ -103,29 +103,59 @@ def stochastic_round(b, y, u):
 class SignVoteCompressor(Compressor):
     """Base of `signsgd` and `signum`: payload = packed sign bits of `signal(x)`; aggregate by vote.
 
-    decompress(own payload) = scale * sign;  aggregate(all) = scale * majority_vote.
+    scale=mean (default): each rank also sends a = mean |signal| (one float32, as EF-signSGD
+    scales its sign), and the vote is multiplied by the ranks' mean of a, so a step has the size
+    of the gradient and an SGD learning rate transfers. scale=<number>: a fixed magnitude (the
+    papers' form; the learning rate is then the per-coordinate step), payload = the bits only.
+    decompress(own payload) = a * sign;  aggregate(all) = mean_r(a_r) * majority_vote.
     Subclasses implement `signal(x, state, ctx) -> (array to take the sign of, info)`.
     """
 
     summable = False
     default_memory = "none"
-    params = {"scale": Param(float, 1.0, "magnitude of the voted sign (the optimizer's lr multiplies it)",
-                             lo=0.0, lo_open=True)}
+    params = {"scale": Param(str, "mean", "magnitude of the voted sign: mean (mean |g| per tensor, sent as "
+                             "one float32) or a fixed number (the optimizer's lr multiplies it)")}
+
+    def validate(self):
+        if self.scale == "mean":
+            self._fixed = None
+            return
+        try:
+            self._fixed = float(self.scale)
+        except ValueError:
+            self._fixed = float("nan")
+        if not self._fixed > 0 or self._fixed == float("inf"):
+            raise ValueError(f"{self.kind} {self.name!r}: parameter scale={self.scale!r} is not valid; expected "
+                             "mean or a positive number")
 
     def signal(self, x, state, ctx):
         return x, None
 
     def compress(self, x, state, ctx):
+        b = ctx.backend
         y, info = self.signal(x, state, ctx)
-        return [pack_signs(ctx.backend, y)], info
+        bits = pack_signs(b, y)
+        if self._fixed is not None:
+            return [bits], info
+        return [scalar_to_wire(b, b.mean_abs(b.cast(y, "float64"))), bits], info
+
+    def _scaled(self, b, out, scales, dt):
+        if self._fixed is not None:
+            return out * self._fixed if self._fixed != 1.0 else out
+        total = scalar_from_wire(b, scales[0], dt)
+        for p in scales[1:]:
+            total = total + scalar_from_wire(b, p, dt)
+        return out * (total * (1.0 / len(scales)))
 
     def decompress(self, payload, info, ctx):
-        out = unpack_signs(ctx.backend, payload[0], ctx.numel, compute_dtype(ctx))
-        return out * self.scale if self.scale != 1.0 else out
+        b, dt = ctx.backend, compute_dtype(ctx)
+        out = unpack_signs(b, payload[-1], ctx.numel, dt)
+        return self._scaled(b, out, payload[:-1], dt)
 
     def aggregate(self, gathered, info, ctx):
-        out = majority_vote(ctx.backend, [p[0] for p in gathered], ctx.numel, compute_dtype(ctx))
-        return out * self.scale if self.scale != 1.0 else out
+        b, dt = ctx.backend, compute_dtype(ctx)
+        out = majority_vote(b, [p[-1] for p in gathered], ctx.numel, dt)
+        return self._scaled(b, out, [p[0] for p in gathered] if self._fixed is None else [], dt)
 
     def ratio_of(self, numel):
-        return 4 * numel / ((numel + 7) // 8)
+        return 4 * numel / ((numel + 7) // 8 + (4 if self._fixed is None else 0))

@@ -6,12 +6,13 @@ Each rank sends the sign of its gradient, one bit per entry; the ranks' signs ar
 and combined by an elementwise majority vote:
 
     s_r = sign(g_r)              (packed bits; sign(0) is sent as +1)
-    g~  = scale * sign( sum_r s_r )      (ties -> 0)
+    a_r = mean_i |g_r,i|         (scale=mean, the default: one float32 per tensor)
+    g~  = mean_r(a_r) * sign( sum_r s_r )      (ties -> 0)
 
-`scale` (default 1) is the magnitude of the voted step: the optimizer's learning rate multiplies
-it, so with scale=1 the learning rate is the per-coordinate step size, as in the paper. Set it to
-a typical gradient magnitude to reuse the learning rate of an uncompressed run. No error
-feedback in the paper: `default_memory = "none"`. Wire: ceil(n/8) bytes (32x).
+With scale=mean the voted step has the gradient's size (the scaling of EF-signSGD), so the
+learning rate of an uncompressed SGD run transfers. scale=<number> is the paper's form: a fixed
+magnitude, the learning rate then being the per-coordinate step size. No error feedback in the
+paper: `default_memory = "none"`. Wire: 4 + ceil(n/8) bytes (~32x; ceil(n/8) with a fixed scale).
 """
 from gradcomp.compressors.signs import SignVoteCompressor
 

@@ -5,17 +5,23 @@ distributed form: Bernstein et al., ICLR 2019, Alg. 1).
 Every rank keeps its own momentum m (compressor state, committed only through `new_state` once
 the step succeeded) and sends its sign; the signs are combined by majority vote:
 
-    m_r <- beta * m_r + (1 - beta) * g_r
-    g~   = scale * sign( sum_r sign(m_r) )        (ties -> 0)
+    m_r <- beta * m_r + g_r
+    g~   = mean_r(mean_i |m_r,i|) * sign( sum_r sign(m_r) )        (ties -> 0; scale=mean)
 
-Use it with a momentum-free optimizer (SGD without momentum): the momentum lives here.
-`scale` as in `signsgd`. Default memory: none. Wire: ceil(n/8) bytes (32x).
+The momentum is accumulated as torch.optim.SGD's buffer (no (1 - beta) dampening; the sign, the
+paper's step, is the same either way), so with scale=mean a step has the size of SGD's momentum
+step and SGD(momentum=beta)'s learning rate transfers. The momentum lives here: the torch and
+Keras DistributedOptimizer take an SGD optimizer's momentum over as `beta` (gradcomp/momentum.py)
+and refuse adaptive optimizers. `scale` as in `signsgd`. Default memory: none.
+Wire: 4 + ceil(n/8) bytes (~32x).
 """
 from gradcomp.compressors.signs import SignVoteCompressor
+from gradcomp.momentum import MomentumOwner
 from gradcomp.params import Param
 
 
-class SignumCompressor(SignVoteCompressor):
+class SignumCompressor(MomentumOwner, SignVoteCompressor):
+    momentum_param = "beta"
     name = "signum"
     paper = "Bernstein et al. signSGD: Compressed Optimisation for Non-Convex Problems. ICML 2018"
     params = dict(SignVoteCompressor.params,
@@ -25,7 +31,8 @@ class SignumCompressor(SignVoteCompressor):
         return {"momentum": ctx.backend.zeros_like(x)}
 
     def signal(self, x, state, ctx):
-        m = state["momentum"] * self.beta + x * (1.0 - self.beta)
+        beta, _ = self.momentum_for(ctx)
+        m = state["momentum"] * beta + x
         return m, m
 
     def new_state(self, info, state, ctx):

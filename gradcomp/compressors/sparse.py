@@ -21,6 +21,7 @@ class SparseCompressor(Compressor):
 
     def pack(self, x, idx, ctx):
         b = ctx.backend
+        ctx.memo["sent_idx"] = idx            # int64: lets a memory mask what was sent in O(k) (dgc)
         return [b.gather(x, idx), b.cast(idx, index_dtype(ctx.numel))]
 
     def decompress(self, payload, info, ctx):

@@ -24,3 +24,7 @@ class Memory(Configurable):
     def update(self, g, x, local, aggregated, state: dict, ctx) -> dict:
         """g: the raw gradient, x: compensate(g), local: decode(own payload), aggregated: the average."""
         raise NotImplementedError
+
+    def output(self, aggregated, state: dict, ctx):
+        """What the step returns for this tensor, given the average and update()'s new state."""
+        return aggregated

@@ -1,5 +1,6 @@
 """`dgc`: the memory half of Deep Gradient Compression (Lin, Han, Mao, Wang, Dally, ICLR 2018):
-momentum correction, local gradient clipping and momentum factor masking (Sec. 3.2, Alg. 1).
+momentum correction, local gradient clipping and momentum factor masking (Sec. 3.2, Alg. 1),
+following the reference implementation (synxlin/deep-gradient-compression, `dgc/memory.py`).
 
 Per tensor, on every rank, with momentum m, N ranks and clip threshold c:
 
@@ -8,25 +9,35 @@ Per tensor, on every rank, with momentum m, N ranks and clip threshold c:
     v  <- v + u                                   ... accumulated into the velocity v
           (nesterov: u <- m * (u + g);  v <- v + u + g)
     send C(v)                                     (compensate returns v)
-    u  <- u * (1 - mask),  v <- v * (1 - mask)    momentum factor masking, mask = (D(C(v)) != 0),
-                                                  D(C(v)) being this rank's own decoded payload
+    u[I] <- 0,  v[I] <- 0                         momentum factor masking on the sent indices I
 
-The averaged result is already momentum-corrected: use it with plain SGD (no optimizer
-momentum). Clipping is per tensor (the memory sees one tensor at a time), the threshold scaled
-by N^(-1/2) as in the paper so that the sum over ranks stays within c. State: {"momentum": u,
-"residual": v} (v is what `GradientSync.residual(name)` reports); compensate passes the new u
-to update through ctx.memo and nothing is kept outside the returned dicts.
+I comes from the compressor when it reports its indices (`dgc`, `topk`, `randomk`: ctx.memo
+"sent_idx"), so masking costs O(k); otherwise I = {i : D(C(v))_i != 0}, this rank's own decoded
+payload. A tensor the compressor sends dense (ctx.memo "dense": the `dgc` compressor's tensors
+with <= 1 dimension, a dense warm-up step) keeps its momentum unmasked and v = 0: the average of
+the ranks' u is then exactly heavy-ball momentum on the averaged gradient, which is what the
+reference does for the tensors it does not compress.
+
+The averaged result is already momentum-corrected, so the optimizer must not add momentum: the
+torch and Keras DistributedOptimizer take the wrapped SGD's momentum over (gradcomp/momentum.py).
+Clipping is per tensor (the memory sees one tensor at a time; the paper clips the rank's whole
+gradient), the threshold scaled by N^(-1/2) as in the paper. State: {"momentum": u, "residual": v}
+(v is what `GradientSync.residual(name)` reports); compensate passes the new u to update through
+ctx.memo and nothing is kept outside the returned dicts.
 """
 import math
 
 from gradcomp.memory.base import Memory
+from gradcomp.momentum import MomentumOwner
 from gradcomp.params import Param
 
 
-class DGCMemory(Memory):
+class DGCMemory(MomentumOwner, Memory):
     name = "dgc"
+    nesterov_param = "nesterov"
     params = {
-        "momentum": Param(float, 0.9, "momentum factor m", lo=0.0, hi=1.0, hi_open=True),
+        "momentum": Param(float, 0.9, "momentum factor m (an SGD optimizer's momentum replaces it)",
+                          lo=0.0, hi=1.0, hi_open=True),
         "nesterov": Param(bool, False, "Nesterov momentum correction"),
         "clip": Param(float, 0.0, "local gradient clipping: global norm threshold c (0 = off)", lo=0.0),
     }
@@ -46,8 +57,8 @@ class DGCMemory(Memory):
         if self.clip > 0:
             g = self.clip_grad(g, ctx)
         u, v = state["momentum"], state["residual"]
-        m = self.momentum
-        if self.nesterov:
+        m, nesterov = self.momentum_for(ctx)
+        if nesterov:
             u = (u + g) * m
             v = v + u + g
         else:
@@ -59,9 +70,15 @@ class DGCMemory(Memory):
     def update(self, g, x, local, aggregated, state, ctx):
         b = ctx.backend
         u = ctx.memo.get("dgc/momentum")
-        if u is None or local is None:
-            raise RuntimeError("dgc memory: update() needs compensate() of the same step and this rank's "
-                               "decoded payload; call it through GradientSync")
-        keep = b.cast(b.abs(local) > 0, b.dtype(x))
-        keep = 1 - keep
+        if u is None:
+            raise RuntimeError("dgc memory: update() needs compensate() of the same step; call it through "
+                               "GradientSync")
+        if ctx.memo.get("dense"):
+            return {"momentum": u, "residual": b.zeros_like(x)}
+        idx = ctx.memo.get("sent_idx")
+        if idx is not None:
+            return {"momentum": b.zero_at(u, idx), "residual": b.zero_at(x, idx)}
+        if local is None:
+            raise RuntimeError("dgc memory: update() needs this rank's decoded payload; call it through GradientSync")
+        keep = 1 - b.cast(b.abs(local) > 0, b.dtype(x))
         return {"momentum": u * keep, "residual": x * keep}
