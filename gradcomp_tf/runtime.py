@@ -1,15 +1,20 @@
 """The TensorFlow process runtime: which communicator this process uses, and the host boundary.
 
     gradcomp_tf.init()            # picks the transport (GRADCOMP_BACKEND, default auto)
+    gradcomp_tf.init(timeout=600) # seconds any collective may wait (GRADCOMP_TIMEOUT, default 300)
     gradcomp_tf.rank(), size(), local_rank()
 
 Transport choice (`backend=` argument, else GRADCOMP_BACKEND through gradcomp.config):
   a Communicator instance   used as is (e.g. a LocalWorld rank in tests)
   "horovod"                 Horovod's TensorFlow collectives (gradcomp_tf/horovod_comm.py); needs a
                             Horovod build with TensorFlow (Horovod 0.28.1 does not build against TF >= 2.16)
-  "auto"                    Horovod-TF if it is importable *and* initialized, else
-                            gradcomp.comm.make_communicator("auto") (MPI under mpirun, else one rank)
+  "auto"                    Horovod-TF if it is initialized, or importable under horovodrun; else
+                            gradcomp.comm.make_communicator("auto"): the launcher's transport (MPI
+                            under mpirun, Horovod's torch collectives under horovodrun when only those
+                            are built, torch.distributed under torchrun), else one rank
   "mpi" / "torch" / ...     gradcomp.comm.make_communicator(name)
+A transport whose world disagrees with the launcher raises LauncherMismatchError; `timeout` bounds
+every collective wait (gradcomp.comm.make_communicator).
 
 `HostComm` is the only place TF payloads leave TensorFlow: compression runs as TF ops on the
 tensors' device; the (already compressed) payload is handed to the engine as a numpy array and the
@@ -40,39 +45,54 @@ def _horovod_tf(initialized_only: bool):
     return hvd
 
 
-def make_comm(backend=None) -> Communicator:
+def make_comm(backend=None, timeout="default") -> Communicator:
     """A Communicator for `backend` (instance, name or None = GRADCOMP_BACKEND), wrapped for TF tensors."""
+    from gradcomp.config import backend_from_env, resolve_timeout
+    timeout = resolve_timeout(timeout)
     if isinstance(backend, Communicator):
         return backend if getattr(backend, "_tf_ready", False) else HostComm(backend)
     if backend is None:
-        import gradcomp
-        backend = gradcomp.from_env().backend
+        backend = backend_from_env()
     if not isinstance(backend, str):
         raise TypeError(f"backend must be None, a name (auto, mpi, horovod, torch) or a gradcomp "
                         f"Communicator, got {type(backend).__name__}")
     name = backend.strip().lower()
-    if name == "horovod" or (name == "auto" and _horovod_tf(True) is not None):
+    from gradcomp.comm.launch import check_world, launcher
+    launch = launcher()
+    under_hvdrun = launch.engine == "horovod" and launch.size > 1
+    if name == "horovod" or (name == "auto" and (_horovod_tf(True) is not None
+                                                 or (under_hvdrun and _horovod_tf(False) is not None))):
         if _horovod_tf(False) is None:
             raise RuntimeError("GRADCOMP_BACKEND=horovod: horovod.tensorflow is not importable. Horovod 0.28.1 "
                                "does not build against TensorFlow >= 2.16; use GRADCOMP_BACKEND=mpi (mpi4py) "
                                "with `mpirun -np N python train.py` instead.")
         from gradcomp_tf.horovod_comm import HorovodTFCommunicator
-        return HorovodTFCommunicator()
+        return check_world(HorovodTFCommunicator(), launch, name)
     try:
         from gradcomp.comm import make_communicator
     except ImportError:
         make_communicator = None
     if make_communicator is not None:
-        return HostComm(make_communicator(backend=name))
+        return HostComm(make_communicator(backend=name, timeout=timeout))
     if name == "auto":
         return HostComm(SingleCommunicator())
     raise RuntimeError(f"transport {name!r} is not available in this gradcomp installation")
 
 
-def init(backend=None) -> Communicator:
-    """Create (once) the process-wide communicator; returns it. Safe to call more than once."""
+def init(backend=None, timeout="default") -> Communicator:
+    """Create (once) the process-wide communicator; returns it. Safe to call more than once.
+
+    `timeout`: seconds any collective may wait before raising CollectiveTimeout (None or 0: forever;
+    default GRADCOMP_TIMEOUT, else 300); a bad value raises ValueError naming the valid forms."""
+    from gradcomp.config import resolve_timeout
+    given = not (isinstance(timeout, str) and timeout == "default")
+    seconds = resolve_timeout(timeout)
     if _STATE["comm"] is None or backend is not None:
-        _STATE["comm"] = make_comm(backend)
+        _STATE["comm"] = make_comm(backend, timeout)
+    elif given:
+        inner = getattr(_STATE["comm"], "inner", _STATE["comm"])
+        if hasattr(inner, "timeout"):
+            inner.timeout = seconds
     return _STATE["comm"]
 
 

@@ -2,12 +2,16 @@
 
     import gradcomp_torch as gct
     gct.init()                                  # GRADCOMP_BACKEND (auto|horovod|mpi|torch) or backend=
+    gct.init(timeout=600)                       # seconds any collective may wait (GRADCOMP_TIMEOUT, 300)
     gct.broadcast_parameters(model.state_dict(), root_rank=0)
     gct.broadcast_optimizer_state(optimizer, root_rank=0)
 
 `init()` makes one Communicator (gradcomp.comm.make_communicator) and keeps it as the default of
 every other call in this package. Under `torchrun` it first creates the torch.distributed process
-group when none exists (gloo on CPU, nccl on GPU); with backend "horovod" it calls `hvd.init()`.
+group when none exists (gloo on CPU, nccl on GPU, its own timeout set to ours); with backend
+"horovod", or "auto" under horovodrun, it calls `hvd.init()`. A backend whose world disagrees with
+the launcher raises gradcomp.comm.launch.LauncherMismatchError. Under mpirun, an uncaught exception
+on any rank calls MPI_Abort (gradcomp/comm/abort.py), so the job ends instead of hanging.
 Every function also takes `comm=` (any gradcomp Communicator, e.g. a LocalWorld rank in tests).
 """
 from __future__ import annotations
@@ -18,27 +22,19 @@ import os
 import numpy as np
 import torch
 
+from gradcomp.comm.launch import launcher
+
 _STATE = {"comm": None}
 
 
-def _torchrun_env() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or (
-        "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ and "RANK" in os.environ
-        and "OMPI_COMM_WORLD_SIZE" not in os.environ)
-
-
-def _horovodrun_env() -> bool:
-    return any(v in os.environ for v in ("HOROVOD_RANK", "HOROVOD_HOSTNAME"))
-
-
-def _init_torch_distributed():
+def _init_torch_distributed(timeout):
     import torch.distributed as dist
-    if dist.is_available() and not dist.is_initialized() and _torchrun_env():
+    if dist.is_available() and not dist.is_initialized() and launcher().engine == "torch":
         use_nccl = torch.cuda.is_available() and dist.is_nccl_available()
         if use_nccl and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if use_nccl else "gloo")
-        from gradcomp.comm.torch_dist import destroy_at_exit
+        from gradcomp.comm.torch_dist import destroy_at_exit, pg_timeout
+        dist.init_process_group("nccl" if use_nccl else "gloo", **pg_timeout(timeout))
         destroy_at_exit(dist)
 
 
@@ -51,24 +47,37 @@ def _init_horovod():
     hvd.init()
 
 
-def init(backend: str | None = None, comm=None):
-    """Create (or set) the default communicator; returns it. Safe to call more than once."""
+def init(backend: str | None = None, comm=None, timeout="default"):
+    """Create (or set) the default communicator; returns it. Safe to call more than once.
+
+    `backend`: auto | horovod | mpi | torch | local (default GRADCOMP_BACKEND, else auto).
+    `timeout`: seconds any collective may wait before raising CollectiveTimeout (None or 0: forever;
+    default GRADCOMP_TIMEOUT, else 300). A bad value raises ValueError naming the valid forms."""
+    from gradcomp.config import backend_from_env, resolve_timeout
+    given = not (isinstance(timeout, str) and timeout == "default")
+    timeout = resolve_timeout(timeout)              # validated first, also when a communicator exists
     if comm is not None:
         _STATE["comm"] = comm
         return comm
     current = _STATE["comm"]
     if current is not None and (backend is None or backend.lower() in ("auto", getattr(current, "engine", ""))):
+        if given and hasattr(current, "timeout"):
+            current.timeout = timeout
         return current
     if backend is None:
-        from gradcomp.config import from_env
-        backend = from_env().backend
+        backend = backend_from_env()
     backend = backend.lower()
-    if backend == "horovod" or (backend == "auto" and _horovodrun_env()):
-        _init_horovod()
+    launch = launcher()
+    if backend == "horovod" or (backend == "auto" and launch.engine == "horovod" and launch.size > 1):
+        try:
+            _init_horovod()
+        except ImportError:
+            if backend == "horovod" or launch.name == "horovodrun-gloo":
+                raise                               # horovodrun's mpirun without Horovod: MPI below
     if backend in ("auto", "torch"):
-        _init_torch_distributed()
+        _init_torch_distributed(timeout)
     from gradcomp.comm import make_communicator
-    _STATE["comm"] = make_communicator(backend)
+    _STATE["comm"] = make_communicator(backend, timeout=timeout)
     return _STATE["comm"]
 
 

@@ -21,6 +21,37 @@ import hashlib
 import json
 
 
+class CollectiveTimeout(TimeoutError):
+    """A collective waited longer than the communicator's timeout (GRADCOMP_TIMEOUT / init(timeout=))."""
+
+
+def timeout_error(engine: str, op: str, name: str, rank: int, size: int, seconds: float,
+                  detail: str = "") -> CollectiveTimeout:
+    """The error every transport raises when a wait times out: the collective, the rank, the likely
+    causes and what to do."""
+    return CollectiveTimeout(
+        f"{engine} {op}({name!r}) did not finish within {seconds:g}s on rank {rank} of {size}"
+        + (f" ({detail})" if detail else "") + ": a peer rank has probably failed, hung, or issued its "
+        "collectives in a different order. Look in the other ranks' output for their error; if a step "
+        "legitimately takes longer, raise GRADCOMP_TIMEOUT (seconds) or pass init(timeout=...); "
+        "GRADCOMP_TIMEOUT=0 disables the timeout.")
+
+
+def poll_until(done, timeout, on_timeout, poll_max: float = 5e-4):
+    """Return once `done()` is true, polling with a sleep backing off to `poll_max` seconds; after
+    `timeout` seconds (None: never) raise `on_timeout()`."""
+    import time
+    if done():
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 2e-5
+    while not done():
+        if deadline is not None and time.monotonic() > deadline:
+            raise on_timeout()
+        time.sleep(delay)
+        delay = min(poll_max, delay * 1.5)
+
+
 class Handle:
     def wait(self):
         raise NotImplementedError

@@ -17,14 +17,13 @@
 numpy arrays ride through CPU torch tensors (zero-copy `torch.from_numpy`), TF eager tensors through
 `.numpy()`. Horovod matches tensors across ranks by name: names are "gradcomp.<call#>.<name>", so
 calls must be issued in the same order on every rank. Horovod is imported lazily; without it an
-ImportError says how to build it (`bash mpi/build_horovod.sh`).
+ImportError says how to build it (`bash mpi/build_horovod.sh`). `wait()` polls Horovod's handles
+and raises CollectiveTimeout after `timeout` seconds (default GRADCOMP_TIMEOUT, 300; None or 0: it
+blocks in hvd.synchronize); Horovod itself ends the job when a rank dies.
 """
 from __future__ import annotations
 
-import time
-
-
-from gradcomp.comm.base import CODES as _CODES, Communicator, Handle, as_torch_1d
+from gradcomp.comm.base import CODES as _CODES, Communicator, Handle, as_torch_1d, poll_until, timeout_error
 
 _INSTALL = ('the "horovod" backend needs Horovod built for PyTorch; from the gradcomp source tree run '
             '`bash mpi/build_horovod.sh` (Horovod 0.28.1 with MPI+Gloo, C++17 wrapper for torch>=2.1), '
@@ -49,9 +48,9 @@ def import_horovod():
 
 
 class HorovodHandle(Handle):
-    def __init__(self, hvd, handles, post, op, name, rank, timeout):
+    def __init__(self, hvd, handles, post, op, name, rank, timeout, size=0):
         self.hvd, self.handles, self.post = hvd, handles, post
-        self.op, self.name, self.rank, self.timeout = op, name, rank, timeout
+        self.op, self.name, self.rank, self.timeout, self.size = op, name, rank, timeout, size
         self._got, self._value = False, None
 
     def done(self):
@@ -62,13 +61,8 @@ class HorovodHandle(Handle):
             return self._value
         t = self.timeout if timeout is None else timeout
         if t is not None:
-            deadline = time.monotonic() + t
-            while not all(self.hvd.poll(h) for h in self.handles):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"Horovod {self.op}({self.name!r}) did not finish within {t}s on rank "
-                                       f"{self.rank}; a peer may have died or issued its collectives in a "
-                                       "different order")
-                time.sleep(0.0005)
+            poll_until(lambda: all(self.hvd.poll(h) for h in self.handles), t,
+                       lambda: timeout_error("Horovod", self.op, self.name, self.rank, self.size, t))
         outs = [self.hvd.synchronize(h) for h in self.handles]
         self._value, self._got, self.post = self.post(*outs), True, None
         return self._value
@@ -80,7 +74,9 @@ class HorovodCommunicator(Communicator):
     engine = "horovod"
     accepts_donation = True
 
-    def __init__(self, hvd=None, *, init: bool = True, timeout: float | None = None):
+    def __init__(self, hvd=None, *, init: bool = True, timeout="default"):
+        from gradcomp.config import resolve_timeout
+        timeout = resolve_timeout(timeout)
         hvd = self.hvd = hvd if hvd is not None else import_horovod()
         self.torch = __import__("torch")
         if not hvd.is_initialized():
@@ -111,7 +107,7 @@ class HorovodCommunicator(Communicator):
         else:                                       # a donated tensor is summed in place
             out = t if donate and t.data_ptr() == getattr(x, "data_ptr", lambda: None)() else t.clone()
         h = hvd.allreduce_async_(out, op=hvd.Sum, name=self._name(name, "allreduce"))
-        return HorovodHandle(hvd, [h], lambda r: back(r), "allreduce", name, self.rank, self.timeout)
+        return HorovodHandle(hvd, [h], lambda r: back(r), "allreduce", name, self.rank, self.timeout, self.size)
 
     def allreduce_group(self, xs, *, name="", donate=None):
         """Horovod's grouped allreduce: the tensors go to its fusion buffer from its background thread
@@ -126,7 +122,7 @@ class HorovodCommunicator(Communicator):
             t, _ = self._tensor(x)
             outs.append(t if give and t.data_ptr() == x.data_ptr() else t.clone())
         h = hvd.grouped_allreduce_async_(outs, op=hvd.Sum, name=self._name(name, "allreduce_group"))
-        return HorovodHandle(hvd, [h], lambda r: list(r), "allreduce_group", name, self.rank, self.timeout)
+        return HorovodHandle(hvd, [h], lambda r: list(r), "allreduce_group", name, self.rank, self.timeout, self.size)
 
     def allgather(self, x, *, name=""):
         hvd, torch = self.hvd, self.torch
@@ -143,7 +139,7 @@ class HorovodCommunicator(Communicator):
                                  f"{[_CODES[c] for _, c in metas]}; every rank must send the same dtype")
             parts = torch.split(data.view(t.dtype), [n for n, _ in metas])
             return [back(p) for p in parts]
-        return HorovodHandle(hvd, [hm, hd], post, "allgather", name, self.rank, self.timeout)
+        return HorovodHandle(hvd, [hm, hd], post, "allgather", name, self.rank, self.timeout, self.size)
 
     def broadcast(self, x, *, root=0, name=""):
         if not isinstance(root, int) or not 0 <= root < self.size:
@@ -153,4 +149,4 @@ class HorovodCommunicator(Communicator):
         out = _bits(t, self.torch).clone()
         h = hvd.broadcast_async_(out, root_rank=root, name=self._name(name, "broadcast"))
         return HorovodHandle(hvd, [h], lambda r: back(r.view(t.dtype)), f"broadcast[{root}]", name, self.rank,
-                             self.timeout)
+                             self.timeout, self.size)

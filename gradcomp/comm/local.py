@@ -3,14 +3,15 @@
 Collectives are genuinely asynchronous: a rank deposits its array and gets a Handle; the last
 rank to arrive combines the arrays; `wait()` blocks until then. A rank that raises aborts the
 world, so its peers fail with an error naming it instead of hanging; a collective that waits
-longer than `timeout` seconds raises TimeoutError naming the ranks that never arrived.
+longer than `timeout` seconds (default GRADCOMP_TIMEOUT, 300; None or 0: forever) raises
+CollectiveTimeout (a TimeoutError) naming the collective, the rank and the ranks that never arrived.
 """
 from __future__ import annotations
 
 import threading
 
 from gradcomp.backend import get_backend
-from gradcomp.comm.base import Communicator, Handle
+from gradcomp.comm.base import Communicator, Handle, timeout_error
 
 
 class WorldAborted(RuntimeError):
@@ -62,8 +63,8 @@ class _Hub:
                 raise WorldAborted(f"rank {self.failed_rank} failed: {self.error!r}")
             if not ok:
                 missing = [r for r, d in enumerate(slot.data) if d is None]
-                raise TimeoutError(f"LocalWorld: {slot.op}({slot.name!r}) waited {self.timeout}s on rank {rank}; "
-                                   f"ranks {missing} never arrived")
+                raise timeout_error("LocalWorld", slot.op, slot.name, rank, self.size, self.timeout,
+                                    f"ranks {missing} never arrived")
             slot.taken += 1
             if slot.taken == self.size:
                 self.slots.pop(seq, None)
@@ -130,10 +131,11 @@ class LocalCommunicator(Communicator):
 class LocalWorld:
     """`LocalWorld(size).run(fn)` calls fn(comm) on every rank (a thread each) and returns the results."""
 
-    def __init__(self, size: int, timeout: float = 120.0):
+    def __init__(self, size: int, timeout="default"):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"LocalWorld size must be a positive int, got {size!r}")
-        self.size, self.timeout = size, timeout
+        from gradcomp.config import resolve_timeout
+        self.size, self.timeout = size, resolve_timeout(timeout)
 
     def run(self, fn, *args, **kwargs) -> list:
         hub = _Hub(self.size, self.timeout)

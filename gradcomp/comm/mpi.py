@@ -3,7 +3,7 @@
     comm = MPICommunicator()            # a private duplicate of MPI.COMM_WORLD
     h = comm.allreduce(x, name="b0")    # returns at once; the collective runs on the worker
     ...                                 # overlap: the caller keeps computing
-    total = h.wait(timeout=60)          # the sum, same type/dtype/device as x
+    total = h.wait()                    # the sum, same type/dtype/device as x
 
 Data path (no framework copies on the host):
   * numpy arrays and CPU torch tensors go zero-copy through the buffer protocol (`Tensor.numpy()`).
@@ -36,6 +36,12 @@ Wire format (bytes are the payload's own, nothing is widened on the host path):
   allgather   MPI_Allgather of (count, dtype) per rank, then MPI_Allgatherv of the data.
   broadcast   MPI_Bcast of (count, dtype), then of the data.
 A failed collective marks the communicator broken: later ones fail at once instead of hanging.
+Timeouts: every wait (a handle's `wait()`, the set-up collectives of the constructor, the drain of
+pending collectives at exit) is bounded by `timeout` seconds (default GRADCOMP_TIMEOUT, 300; None
+or 0: forever) and then raises CollectiveTimeout naming the collective and the rank. A process that
+exits while one of its collectives is still pending after that long calls MPI_Abort (MPI_Finalize
+would wait forever). `import_mpi()` installs the abort-on-uncaught-exception hook of
+gradcomp/comm/abort.py, so a rank that raises ends the whole job at once.
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ import weakref
 
 import numpy as np
 
-from gradcomp.comm.base import CODES as _CODES, Communicator, Handle
+from gradcomp.comm.base import CODES as _CODES, Communicator, Handle, timeout_error
 
 _HOST = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64,
          "int8": np.int8, "uint8": np.uint8, "int32": np.int32, "int64": np.int64}
@@ -62,11 +68,30 @@ _INSTALL = ('the "mpi" backend needs mpi4py and an MPI library: apt-get install 
 
 
 def import_mpi():
+    """mpi4py.MPI (initialising MPI), with the abort hook installed when the world has > 1 rank."""
     try:
         from mpi4py import MPI
     except ImportError as e:
         raise ImportError(_INSTALL) from e
+    from gradcomp.comm.abort import install_mpi_abort
+    install_mpi_abort(MPI)
     return MPI
+
+
+def wait_request(req, timeout, what: str, poll_max: float = 5e-4):
+    """Complete an MPI request within `timeout` seconds (None: MPI_Wait), polling MPI_Test with a
+    backing-off sleep; `what()` gives (op, name, rank, size) for the CollectiveTimeout."""
+    if timeout is None:
+        req.Wait()
+        return
+    deadline = time.monotonic() + timeout
+    delay = 0.0
+    while not req.Test():
+        if time.monotonic() > deadline:
+            op, name, rank, size = what()
+            raise timeout_error("MPI", op, name, rank, size, timeout)
+        time.sleep(delay)
+        delay = min(poll_max, max(2e-5, delay * 1.5))
 
 
 # ------------------------------------------------------------------ half-precision sums
@@ -308,8 +333,9 @@ class _Failed:
 class MPIHandle(Handle):
     """Result of one collective; `wait(timeout=None)` blocks, re-raising a worker error."""
 
-    def __init__(self, op, name, rank, timeout, post=lambda r: r):
+    def __init__(self, op, name, rank, timeout, post=lambda r: r, size=0):
         self.op, self.name, self.rank, self.timeout, self._post = op, name, rank, timeout, post
+        self.size = size
         self._event = threading.Event()
         self._raw = self._error = None
         self._got, self._value = False, None
@@ -324,8 +350,7 @@ class MPIHandle(Handle):
     def wait(self, timeout=None):
         t = self.timeout if timeout is None else timeout
         if not self._event.wait(t):
-            raise TimeoutError(f"MPI {self.op}({self.name!r}) did not finish within {t}s on rank {self.rank}; "
-                               "a peer may have died or issued its collectives in a different order")
+            raise timeout_error("MPI", self.op, self.name, self.rank, self.size, t)
         if self._error is not None:
             raise self._error
         if isinstance(self._raw, _Failed):
@@ -341,6 +366,7 @@ class _Worker:
     def __init__(self, label):
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.broken: BaseException | None = None
+        self.current = None                         # "MPI op('name')" while a collective runs
         self.thread = threading.Thread(target=self._run, name=label, daemon=True)
         self.thread.start()
 
@@ -352,11 +378,13 @@ class _Worker:
             item = self.q.get()
             if item is None:
                 return
+            self.current = f"MPI {item[1].op}({item[1].name!r})"
             _run_one(self, *item)
+            self.current = None
 
     def stop(self, timeout=5.0):
         self.q.put(None)
-        self.thread.join(timeout)
+        self.thread.join(timeout)             # None: until the pending collectives are done
 
 
 def _run_one(state, fn, handle):
@@ -380,15 +408,26 @@ class MPICommunicator(Communicator):
     engine = "mpi"
     accepts_donation = True
 
-    def __init__(self, comm=None, *, threaded: bool | None = None, timeout: float | None = None,
+    def __init__(self, comm=None, *, threaded: bool | None = None, timeout="default",
                  cuda_aware: bool | None = None, progress: str = "auto", poll_max: float = 5e-4):
+        from gradcomp.config import resolve_timeout
+        self.timeout = resolve_timeout(timeout)
         MPI = self.MPI = import_mpi()
         base = MPI.COMM_WORLD if comm is None else comm
-        self.comm = base.Dup()                      # our traffic never matches the user's messages
-        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
-        node.Free()
+        self.rank, self.size = base.Get_rank(), base.Get_size()
+        what = lambda op: lambda: (op, "MPICommunicator()", self.rank, self.size)   # noqa: E731
+        if hasattr(base, "Idup"):                   # set-up collectives are bounded by the timeout too
+            self.comm, req = base.Idup()
+            wait_request(req, self.timeout, what("dup"))
+        else:
+            self.comm = base.Dup()                  # our traffic never matches the user's messages
+        # ranks sharing this node (by processor name): an allgather, so a missing peer times out
+        me = np.frombuffer(MPI.Get_processor_name().encode()[:255].ljust(256, b"\0"), np.uint8).copy()
+        names = np.empty((self.size, 256), np.uint8)
+        wait_request(self.comm.Iallgather([me, MPI.UINT8_T], [names, MPI.UINT8_T]), self.timeout,
+                     what("allgather"))
+        same = [bool((names[r] == me).all()) for r in range(self.size)]
+        self.local_rank, self.local_size = sum(same[:self.rank]), sum(same)
         self.thread_level = MPI.Query_thread()
         can = self.thread_level >= MPI.THREAD_SERIALIZED
         if threaded and not can:
@@ -399,12 +438,12 @@ class MPICommunicator(Communicator):
             raise ValueError(f"progress must be 'auto', 'poll' or 'block', got {progress!r}")
         if progress == "auto":
             progress = "block" if cores_per_rank(self.local_size) >= 2 else "poll"
-        self.timeout, self._cuda_aware, self.progress, self.poll_max = timeout, cuda_aware, progress, poll_max
+        self._cuda_aware, self.progress, self.poll_max = cuda_aware, progress, poll_max
         self.broken = None
         self._lock = threading.Lock()
         self._worker = _Worker(f"gradcomp-mpi-r{self.rank}") if self.threaded else None
         ref = weakref.ref(self)
-        atexit.register(lambda: ref() is not None and ref().close())
+        atexit.register(lambda: ref() is not None and ref().close(at_exit=True))
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -426,11 +465,12 @@ class MPICommunicator(Communicator):
     def _issue(self, op, name, fn, post):
         if self.comm is None:
             raise RuntimeError("this MPICommunicator was closed; make a new one")
-        h = MPIHandle(op, name, self.rank, self.timeout, post)
+        h = MPIHandle(op, name, self.rank, self.timeout, post, self.size)
         with self._lock:
             if self._worker is not None:
                 self._worker.submit(fn, h)
             else:
+                self._sync_what = (op, name)
                 _run_one(self, fn, h)
         return h
 
@@ -440,8 +480,14 @@ class MPICommunicator(Communicator):
         "poll": MPI_Test with sleeps backing off to `poll_max` seconds, so a waiting worker does not
         keep a core busy (the caller's compute gets it), but large messages progress only in MPI_Test.
         (Tried and dropped: an MPI_Ibarrier polled first, then MPI_Wait, so that no rank spins for a
-        late peer: no faster than either mode in benchmarks/torch_vs_horovod.py on 2 cores.)"""
+        late peer: no faster than either mode in benchmarks/torch_vs_horovod.py on 2 cores.)
+        Without a worker thread (synchronous mode) the caller is the one waiting, so the wait is
+        bounded by `timeout` here."""
         req = start()
+        if self._worker is None:
+            op, name = getattr(self, "_sync_what", ("collective", ""))
+            wait_request(req, self.timeout, lambda: (op, name, self.rank, self.size), self.poll_max)
+            return
         if self.progress == "block":
             req.Wait()
             return
@@ -548,12 +594,23 @@ class MPICommunicator(Communicator):
         return self._issue(f"broadcast[{root}]", name, work, v.back)
 
     # ------------------------------------------------------------------ lifetime
-    def close(self):
-        """Stop the worker (pending collectives finish first) and free the duplicated communicator."""
+    def close(self, at_exit: bool = False):
+        """Stop the worker (pending collectives finish first) and free the duplicated communicator.
+
+        At interpreter exit (`at_exit`), pending collectives get up to `timeout` seconds to finish;
+        if one is still stuck then (a peer never joined it), MPI_Abort ends the job, since
+        MPI_Finalize would wait for that peer forever."""
         w, self._worker = getattr(self, "_worker", None), None
         if w is not None:
-            w.stop()
+            w.stop(self.timeout if at_exit else 5.0)
             if w.thread.is_alive():
+                if at_exit and self.size > 1 and not self.MPI.Is_finalized():
+                    import sys
+                    print(f"gradcomp: rank {self.rank} of {self.size} is exiting while {w.current or 'a collective'} "
+                          f"has not finished after {self.timeout}s (a peer never joined it); calling MPI_Abort "
+                          "so that the job ends instead of waiting forever in MPI_Finalize",
+                          file=sys.stderr, flush=True)
+                    self.MPI.COMM_WORLD.Abort(1)
                 return                              # stuck in a collective: leave the comm alone
         comm, self.comm = getattr(self, "comm", None), None
         try:

@@ -14,15 +14,16 @@
 Arrays the process group cannot hold where they are (numpy / TF / CPU tensors under NCCL-only,
 CUDA tensors under Gloo-only) are moved once to the group's device and back in wait().
 Calls must be issued in the same order on every rank, from one thread.
+Timeouts: `wait()` and the small blocking exchanges above are bounded by `timeout` seconds (default
+GRADCOMP_TIMEOUT, 300; None or 0: no bound but the process group's own) and then raise
+CollectiveTimeout naming the collective and the rank; torchrun ends the other ranks when one exits.
 """
 from __future__ import annotations
 
 import atexit
 import socket
-import time
 
-
-from gradcomp.comm.base import CODES as _CODES, Communicator, Handle, as_torch_1d
+from gradcomp.comm.base import CODES as _CODES, Communicator, Handle, as_torch_1d, poll_until, timeout_error
 
 _INSTALL = 'the "torch" backend needs PyTorch with torch.distributed: pip install "gradcomp[torch]"'
 
@@ -39,9 +40,18 @@ def import_dist():
     return torch, dist
 
 
+def wait_work(work, timeout, op, name, rank, size):
+    """work.wait(), bounded by `timeout` seconds (None: unbounded) -> CollectiveTimeout."""
+    if timeout is not None:
+        poll_until(work.is_completed, timeout,
+                   lambda: timeout_error("torch.distributed", op, name, rank, size, timeout))
+    work.wait()
+
+
 class TorchHandle(Handle):
-    def __init__(self, work, post, op, name, rank, timeout):
+    def __init__(self, work, post, op, name, rank, timeout, size=0):
         self.work, self.post, self.op, self.name, self.rank, self.timeout = work, post, op, name, rank, timeout
+        self.size = size
         self._got, self._value = False, None
 
     def done(self):
@@ -52,17 +62,18 @@ class TorchHandle(Handle):
             return self._value
         t = self.timeout if timeout is None else timeout
         if self.work is not None:
-            if t is not None:
-                deadline = time.monotonic() + t
-                while not self.work.is_completed():
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"torch.distributed {self.op}({self.name!r}) did not finish within "
-                                           f"{t}s on rank {self.rank}; a peer may have died or issued its "
-                                           "collectives in a different order")
-                    time.sleep(0.0005)
-            self.work.wait()
+            wait_work(self.work, t, self.op, self.name, self.rank, self.size)
         self._value, self._got, self.post = self.post(), True, None
         return self._value
+
+
+def pg_timeout(timeout) -> dict:
+    """init_process_group's `timeout=` for a gradcomp timeout (seconds or None): its own blocking
+    calls are then bounded alike; None keeps torch's default."""
+    if timeout is None:
+        return {}
+    import datetime
+    return {"timeout": datetime.timedelta(seconds=timeout)}
 
 
 def destroy_at_exit(dist):
@@ -84,14 +95,17 @@ class TorchDistCommunicator(Communicator):
     accepts_donation = True
 
     def __init__(self, group=None, *, init: bool = False, init_backend: str | None = None,
-                 timeout: float | None = None, local_rank: int | None = None):
+                 timeout="default", local_rank: int | None = None):
+        from gradcomp.config import resolve_timeout
+        timeout = resolve_timeout(timeout)
         torch, dist = self.torch, self.dist = import_dist()
         if not dist.is_initialized():
             if not init:
                 raise RuntimeError("torch.distributed has no process group yet: call "
                                    "torch.distributed.init_process_group(...) first (launch with torchrun), "
                                    "or use make_communicator('torch', init=True)")
-            dist.init_process_group(init_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+            dist.init_process_group(init_backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                                    **pg_timeout(timeout))
             destroy_at_exit(dist)
         self.group, self.timeout = group, timeout
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
@@ -119,6 +133,9 @@ class TorchDistCommunicator(Communicator):
         dev = t.device
         return t.to(self.home), True, lambda r: r.to(dev)
 
+    def _wait(self, work, op, name):
+        wait_work(work, self.timeout, op, name, self.rank, self.size)
+
     def _meta(self, t):
         return self.torch.tensor([t.numel(), _CODES.index(str(t.dtype).replace("torch.", ""))],
                                  dtype=self.torch.int64, device=t.device)
@@ -129,14 +146,14 @@ class TorchDistCommunicator(Communicator):
         torch = self.torch
         out = t if private or (donate and torch.is_tensor(x) and t.data_ptr() == x.data_ptr()) else t.clone()
         work = self.dist.all_reduce(out, op=self.dist.ReduceOp.SUM, group=self.group, async_op=True)
-        return TorchHandle(work, lambda: back(out), "allreduce", name, self.rank, self.timeout)
+        return TorchHandle(work, lambda: back(out), "allreduce", name, self.rank, self.timeout, self.size)
 
     def allgather(self, x, *, name=""):
         torch, dist = self.torch, self.dist
         t, _, back = self._tensor(x)
         mine = self._meta(t)
         metas = [torch.empty_like(mine) for _ in range(self.size)]
-        dist.all_gather(metas, mine, group=self.group)
+        self._wait(dist.all_gather(metas, mine, group=self.group, async_op=True), "allgather", name)
         metas = torch.stack(metas).cpu()
         codes = metas[:, 1].tolist()
         if len(set(codes)) != 1:
@@ -148,7 +165,7 @@ class TorchDistCommunicator(Communicator):
         outs = [torch.empty(top, dtype=t.dtype, device=t.device) for _ in range(self.size)]
         work = dist.all_gather(outs, padded, group=self.group, async_op=True)
         return TorchHandle(work, lambda: [back(o[:c]) for o, c in zip(outs, counts)], "allgather", name,
-                           self.rank, self.timeout)
+                           self.rank, self.timeout, self.size)
 
     def broadcast(self, x, *, root=0, name=""):
         if not isinstance(root, int) or not 0 <= root < self.size:
@@ -157,7 +174,7 @@ class TorchDistCommunicator(Communicator):
         t, private, back = self._tensor(x)
         src = root if self.group is None else dist.get_global_rank(self.group, root)
         hdr = self._meta(t)
-        dist.broadcast(hdr, src=src, group=self.group)
+        self._wait(dist.broadcast(hdr, src=src, group=self.group, async_op=True), f"broadcast[{root}]", name)
         n, code = (int(v) for v in hdr.cpu().tolist())
         mine = str(t.dtype).replace("torch.", "")
         if self.rank == root or (n == t.numel() and _CODES[code] == mine):
@@ -171,4 +188,4 @@ class TorchDistCommunicator(Communicator):
                 raise ValueError(f"broadcast({name!r}): root {root} sent {_CODES[code]} but rank {self.rank} "
                                  f"passed {mine}; pass the same dtype on every rank")
             return back(out)
-        return TorchHandle(work, post, f"broadcast[{root}]", name, self.rank, self.timeout)
+        return TorchHandle(work, post, f"broadcast[{root}]", name, self.rank, self.timeout, self.size)
