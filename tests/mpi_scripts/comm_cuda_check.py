@@ -19,7 +19,7 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from comm_check import CHECKS, as_np, data, ok  # noqa: E402
+from comm_check import CHECKS, INNER_TIMEOUT, as_np, data, ok  # noqa: E402
 
 
 def check_cuda(comm, dev):
@@ -79,18 +79,18 @@ def main():
         import torch
         from gradcomp.comm import make_communicator
         if backend == "mpi":
-            probe = make_communicator("mpi", timeout=60)
+            probe = make_communicator("mpi", timeout=INNER_TIMEOUT)
             aware = probe.cuda_aware
             dev = torch.device("cuda", probe.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(dev)
-            comms = [make_communicator("mpi", timeout=60, cuda_aware=False)] + ([probe] if aware else [])
+            comms = [make_communicator("mpi", timeout=INNER_TIMEOUT, cuda_aware=False)] + ([probe] if aware else [])
             print(f"rank {probe.rank}: Open MPI CUDA-aware: {aware}", flush=True)
         else:
             dist_backend = "nccl" if backend == "nccl" else "gloo"
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
             torch.cuda.set_device(dev)
-            torch.distributed.init_process_group(dist_backend, timeout=datetime.timedelta(seconds=60))
-            comms = [make_communicator("torch", timeout=60)]
+            torch.distributed.init_process_group(dist_backend, timeout=datetime.timedelta(seconds=INNER_TIMEOUT))
+            comms = [make_communicator("torch", timeout=INNER_TIMEOUT)]
         for comm in comms:
             check_cuda(comm, dev)
             check_sync_cuda(comm, dev)

@@ -26,7 +26,7 @@ def make_comm():
         return make_communicator("mpi")
     except ImportError:
         from gradcomp.comm.mpi import MPICommunicator
-        return MPICommunicator(timeout=120)
+        return MPICommunicator()
 
 
 def have_optimizer_driver() -> bool:
