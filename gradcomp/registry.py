@@ -25,6 +25,9 @@ COMPRESSORS = {
     "powersgd": "gradcomp.compressors.powersgd:PowerSGDCompressor",
     "randproj": "gradcomp.compressors.randproj:RandProjCompressor",
     "rbgs": "gradcomp.compressors.rbgs:RBGSCompressor",
+    "scalecom": "gradcomp.compressors.scalecom:ScaleComCompressor",
+    "gtopk": "gradcomp.compressors.gtopk:GTopKCompressor",
+    "aggtopk": "gradcomp.compressors.aggtopk:AggTopKCompressor",
 }
 
 MEMORIES = {
@@ -32,6 +35,7 @@ MEMORIES = {
     "residual": "gradcomp.memory.residual:ResidualMemory",
     "dgc": "gradcomp.memory.dgc:DGCMemory",
     "gmc": "gradcomp.memory.gmc:GMCMemory",
+    "lowpass": "gradcomp.memory.lowpass:LowPassMemory",
 }
 
 SYNCS = {

@@ -41,9 +41,13 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 TEST_SPECS = {
     "topk": "topk:ratio=0.1",
     "randomk": "randomk:ratio=0.25",
+    "scalecom": "scalecom:ratio=0.1",
+    "gtopk": "gtopk:ratio=0.1",
+    "aggtopk": "aggtopk:ratio=0.1,chunk=8",
 }
 # Extra variants worth testing beside each compressor's TEST_SPECS entry.
-EXTRA_SPECS = ["topk:ratio=0.1,mode=sampled"]
+EXTRA_SPECS = ["topk:ratio=0.1,mode=sampled", "aggtopk:ratio=0.1,chunk=8,metric=sketch",
+               "aggtopk:ratio=0.1,chunk=8,metric=prev"]
 
 
 def spec_for(name: str) -> str:
