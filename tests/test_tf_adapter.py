@@ -534,7 +534,7 @@ class _Capture(Communicator):
         return self.inner.broadcast(x, root=root, name=name)
 
 
-MATMUL_COMPRESSORS = {"powersgd", "randproj"}   # payloads are matrix products
+MATMUL_COMPRESSORS = {"powersgd", "randproj", "aggtopk"}   # payloads are matrix products or row sums
 
 
 def _spec(name):

@@ -41,6 +41,9 @@ SPECS = {
     "signsgd": "signsgd:scale=0.003",
     "signum": "signum:scale=0.03;--momentum=0",
     "dgc": "dgc:ratio=0.1;--momentum=0",
+    "scalecom": "scalecom:ratio=0.1",
+    "gtopk": "gtopk:ratio=0.1",
+    "aggtopk": "aggtopk:ratio=0.1",
 }
 # Exceptions: they train (accuracy floor asserted) but not to dense -2 points in 4 epochs. Measured
 # on this CNN (2 ranks, 4 epochs; dense 95.8%; same runs with SGD momentum 0.9 in parentheses):

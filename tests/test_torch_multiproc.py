@@ -52,6 +52,7 @@ DIGITS_SPECS = {
     "dgc": "dgc:ratio=0.1", "qsgd": "qsgd", "terngrad": "terngrad", "natural": "natural",
     "signsgd": "signsgd:scale=0.01", "signum": "signum:scale=0.01", "efsignsgd": "efsignsgd",
     "onebit": "onebit", "powersgd": "powersgd:rank=4", "randproj": "randproj:ratio=2", "rbgs": "rbgs:ratio=0.5",
+    "scalecom": "scalecom:ratio=0.1", "gtopk": "gtopk:ratio=0.1", "aggtopk": "aggtopk:ratio=0.1",
 }
 DIGITS_EPOCHS = 8
 TOLERANCE = 2.0      # accuracy points

@@ -47,7 +47,11 @@ class GTopKCompressor(TopKCompressor):
         vals = b.cat([p[0] for p in gathered])
         idx = b.cast(b.cat([p[1] for p in gathered]), "int64")
         total = b.scatter_add(n, idx, vals)
-        keep = b.topk_abs(total, info["k"])
+        # Exact ties (e.g. two ranks' entries of equal size) go to the lower index on every backend: a
+        # ramp of relative size < 1e-12 (far below float32's 6e-8 spacing) orders equal magnitudes only.
+        mag = b.abs(b.cast(total, "float64"))
+        ramp = b.cast(n - b.arange(n, total, "int64"), "float64") * (1e-12 / n)
+        keep = b.topk_abs(mag + mag * ramp, info["k"])
         mask = b.scatter(n, keep, b.zeros(info["k"], b.dtype(total), total) + 1.0)
         info["mask"] = mask
         return total * mask * (1.0 / len(gathered))

@@ -1,6 +1,7 @@
-"""`lowpass`: error feedback whose memory is low-pass filtered (ScaleCom: Chen, Ni, Venkataramani,
-Zhang, Srinivasan, Gopalakrishnan, Wang, Kailkhura, Sun, Schlesinger, ScaleCom: Scalable Sparsified
-Gradient Compression for Communication-Efficient Distributed Training, NeurIPS 2020).
+"""`lowpass`: error feedback with a low-pass filtered memory (ScaleCom, NeurIPS 2020).
+
+Chen, Ni, Venkataramani, Zhang, Srinivasan, Gopalakrishnan, Wang, Kailkhura, Sun, Schlesinger,
+ScaleCom: Scalable Sparsified Gradient Compression for Communication-Efficient Distributed Training.
 
     x_t     = g_t + m_t                                   (compensate)
     m_{t+1} = (1 - beta) m_t + beta (x_t - D(C(x_t)))       (update: a first-order low-pass filter)

@@ -1,0 +1,273 @@
+"""Union-aware sparsifiers (scalecom, gtopk, aggtopk), the lowpass memory, and the union / traffic
+statistics of GradientSync.stats(), on constructed cases whose answers are known exactly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradcomp
+from gradcomp import traffic
+from gradcomp.compressors.scalecom import index_bytes, leader_of, pack_indices, unpack_indices
+
+from conftest import RecordingComm, backend_available, f64, make_array, record_locals, world
+
+NP = gradcomp.backend.backend_by_name("numpy")
+
+
+def _spiky(n, rank, hot, scale=10.0):
+    """Small noise plus large entries at `hot` (a list of indices), different per rank if asked."""
+    x = np.random.default_rng(rank).standard_normal(n).astype(np.float32) * 0.01
+    x[list(hot)] = scale * (1 + np.arange(len(hot), dtype=np.float32))
+    return x
+
+
+# --------------------------------------------------------------------------- union statistics
+@pytest.mark.parametrize("size", [2, 4])
+def test_topk_union_is_exact_for_disjoint_and_shared_selections(size):
+    n, k = 40, 3
+
+    def fn(comm):
+        out = {}
+        for case in ("disjoint", "shared"):
+            sync = gradcomp.GradientSync(f"topk:ratio={k / n}", comm=comm, memory="none")
+            hot = range(k * comm.rank, k * comm.rank + k) if case == "disjoint" else range(5, 5 + k)
+            sync.step({"w": _spiky(n, comm.rank, hot)})
+            sync.step({"w": _spiky(n, comm.rank, hot)})
+            out[case] = sync.stats()
+        return out
+
+    for st in world(size, fn):
+        assert st["disjoint"]["union"] == 2 * size * k and st["disjoint"]["union_kept"] == 2 * k
+        assert st["disjoint"]["union_k"] == size
+        assert st["shared"]["union"] == 2 * k and st["shared"]["union_k"] == 1.0
+
+
+def test_union_counts_partial_overlap_and_uneven_threshold_selections():
+    """threshold: rank r keeps r + 1 entries, overlapping on index 0: U = 3, k = mean (1+2+3)/3 = 2."""
+    n = 30
+
+    def fn(comm):
+        x = np.zeros(n, np.float32)
+        x[: comm.rank + 1] = 1.0
+        sync = gradcomp.GradientSync("threshold:threshold=0.5", comm=comm, memory="none")
+        sync.step({"w": x})
+        return sync.stats()
+
+    for st in world(3, fn):
+        assert st["union"] == 3 and st["union_kept"] == pytest.approx(2.0) and st["union_k"] == pytest.approx(1.5)
+
+
+def test_compressors_that_select_no_entries_report_no_union():
+    sync = gradcomp.GradientSync("qsgd")
+    sync.step({"w": np.ones(10, np.float32)})
+    assert "union_k" not in sync.stats()
+
+
+@pytest.mark.parametrize("spec", ["scalecom:ratio=0.1", "gtopk:ratio=0.1", "aggtopk:ratio=0.1,chunk=4",
+                                  "aggtopk:ratio=0.1,chunk=4,metric=prev", "randomk:ratio=0.1"])
+def test_shared_selections_have_union_exactly_k(spec):
+    def fn(comm):
+        sync = gradcomp.GradientSync(spec, comm=comm)
+        rng = np.random.default_rng(comm.rank)
+        for _ in range(3):
+            sync.step({"w": rng.standard_normal(400).astype(np.float32),
+                       "v": rng.standard_normal(37).astype(np.float32)})
+        return sync.stats()
+
+    for st in world(4, fn):
+        assert st["union_k"] == 1.0
+
+
+# --------------------------------------------------------------------------- traffic accounting
+def test_wire_traffic_of_allgather_and_allreduce_at_eight_ranks():
+    n = 1000
+
+    def fn(comm):
+        out = {}
+        for spec in ("topk:ratio=0.01", "none", "scalecom:ratio=0.01"):
+            rec = RecordingComm(comm)
+            sync = gradcomp.GradientSync(spec, comm=rec)
+            sync.step({"w": np.random.default_rng(comm.rank).standard_normal(n).astype(np.float32)})
+            out[spec] = (sync.stats(), rec.step_traffic())
+        return out
+
+    for res in world(8, fn):
+        st, seen = res["topk:ratio=0.01"]
+        assert st["bytes_sent"] == 10 * 8 and st["bytes_recv"] == 7 * 80 == seen["recv"]
+        assert st["wire_sent"] == st["wire_recv"] == 7 * 80 == seen["wire_sent"]
+        assert st["wire_dense"] == pytest.approx(2 * 7 / 8 * 4 * n)
+        assert st["ratio"] == pytest.approx(st["wire_dense"] / (7 * 80)) and st["payload_ratio"] == 50
+        st, seen = res["none"]
+        assert st["wire_sent"] == pytest.approx(2 * 7 / 8 * 4 * n) and st["ratio"] == pytest.approx(1.0)
+        st, seen = res["scalecom:ratio=0.01"]
+        assert st["bytes_sent"] == 10 * (index_bytes(n) + 4)            # 2-byte indices, fp32 values
+        assert st["wire_sent"] == pytest.approx(2 * 7 / 8 * st["bytes_sent"]) == seen["wire_sent"]
+
+
+def test_bytes_dense_counts_the_gradient_dtype():
+    sync = gradcomp.GradientSync("topk:ratio=0.1")
+    sync.step({"a": np.ones(10, np.float16), "b": np.ones(10, np.float64), "c": np.ones(10, np.float32)})
+    assert sync.stats()["bytes_dense"] == 10 * (2 + 8 + 4)
+
+
+def test_stats_survive_a_checkpoint():
+    def run(comm, cut):
+        sync = gradcomp.GradientSync("threshold:threshold=1.0", comm=comm)
+        rng = np.random.default_rng(comm.rank)
+        for t in range(4):
+            if t == cut:
+                sd = sync.state_dict()
+                sync = gradcomp.GradientSync("threshold:threshold=1.0", comm=comm)
+                sync.load_state_dict(sd)
+            sync.step({"w": rng.standard_normal(100).astype(np.float32)})
+        return sync.stats()
+
+    for a, b in zip(world(3, lambda c: run(c, None)), world(3, lambda c: run(c, 2))):
+        assert a == b and isinstance(b["union_kept"], float)
+
+
+def test_traffic_models():
+    assert traffic.ring_allreduce(800, 8) == 1400 and traffic.ring_allreduce(800, 1) == 0
+    assert traffic.ring_allgather([1, 2, 3, 4], 0) == (10 - 2, 10 - 1)
+    assert traffic.ring_allgather([1, 2, 3, 4], 3) == (10 - 1, 10 - 4)
+    assert traffic.tree_merge(100, 8) == 600 and traffic.tree_merge(100, 5) == 600
+    assert traffic.model("allgather", 100, 64) == 6300
+    with pytest.raises(ValueError, match="valid: allreduce"):
+        traffic.model("ring", 1, 2)
+
+
+# --------------------------------------------------------------------------- scalecom
+def test_every_rank_draws_the_same_leader_and_leaders_cycle():
+    def fn(comm):
+        comp = gradcomp.create("scalecom:ratio=0.1")
+        seen = []
+        for step in range(8):
+            ctx = gradcomp.compressors.base.Ctx(NP, "layer.w", (50,), "float32", 50, step, 0, comm.rank, comm.size)
+            _, info = comp.compress(np.ones(50, np.float32), {}, ctx)
+            seen.append(info["leader"])
+        return seen
+
+    res = world(4, fn)
+    assert all(r == res[0] for r in res)
+    assert sorted(res[0][:4]) == [0, 1, 2, 3] and res[0][:4] == res[0][4:]
+    assert res[0] == [leader_of(s, "layer.w", 4) for s in range(8)]
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 70000])
+def test_index_packing_round_trips(n):
+    idx = np.unique(np.random.default_rng(n).integers(0, n, size=min(n, 50))).astype(np.int64)
+    packed = pack_indices(NP, idx, n)
+    assert packed.dtype == np.uint8 and packed.size == idx.size * index_bytes(n)
+    np.testing.assert_array_equal(unpack_indices(NP, packed, n, idx.size), idx)
+
+
+def test_scalecom_sums_the_values_at_the_leaders_topk():
+    n, k, size = 60, 6, 3
+
+    def fn(comm):
+        sync = gradcomp.GradientSync(f"scalecom:ratio={k / n}", comm=comm, memory="none")
+        x = _spiky(n, comm.rank, range(10 * comm.rank, 10 * comm.rank + k))
+        return x, f64(sync.step({"w": x})["w"])
+
+    res = world(size, fn)
+    lead = leader_of(0, "w", size)
+    idx = np.sort(np.argsort(-np.abs(res[lead][0]))[:k])
+    want = np.zeros(n)
+    want[idx] = np.sum([f64(x)[idx] for x, _ in res], axis=0) / size
+    for _, avg in res:
+        np.testing.assert_allclose(avg, want, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- gtopk
+def test_gtopk_is_the_global_topk_of_the_summed_local_topk_and_puts_back_the_rest():
+    n, k, size = 50, 4, 4
+
+    def fn(comm):
+        sync = gradcomp.GradientSync(f"gtopk:ratio={k / n}", comm=comm, memory="residual")
+        x = np.random.default_rng(comm.rank).standard_normal(n).astype(np.float32) * 0.01
+        x[[0, 1]] = 3.0, -3.0                                  # hot on every rank: sums 12, -12
+        x[10 + comm.rank], x[30 + comm.rank] = 5.0 + comm.rank, 1.0 + 0.1 * comm.rank   # local only
+        avg = f64(sync.step({"w": x})["w"])
+        return f64(x), avg, f64(sync.residual("w"))
+
+    res = world(size, fn)
+    summed = np.zeros(n)
+    for x, _, _ in res:
+        loc = np.argsort(-np.abs(x))[:k]
+        summed[loc] += x[loc]
+    keep = np.argsort(-np.abs(summed))[:k]
+    want = np.zeros(n)
+    want[keep] = summed[keep] / size
+    assert sorted(keep) == [0, 1, 12, 13]
+    for x, avg, resid in res:
+        np.testing.assert_allclose(avg, want, rtol=1e-6, atol=1e-7)
+        assert np.count_nonzero(avg) == k
+        sent = np.zeros(n)
+        loc = np.argsort(-np.abs(x))[:k]
+        both = np.intersect1d(loc, keep)
+        sent[both] = x[both]
+        np.testing.assert_allclose(resid, x - sent, rtol=0, atol=1e-7)       # local top-k not kept: put back
+
+
+# --------------------------------------------------------------------------- aggtopk
+@pytest.mark.parametrize("metric", ["energy", "sketch", "prev"])
+def test_aggtopk_sends_whole_chunks_shared_by_every_rank_and_decodes_to_the_sum(metric):
+    n, c, size = 64, 8, 3
+
+    def fn(comm):
+        sync = gradcomp.GradientSync(f"aggtopk:ratio={2 * c / n},chunk={c},metric={metric}", comm=comm)
+        log = record_locals(sync)
+        rng = np.random.default_rng(comm.rank)
+        outs = []
+        for _ in range(3):
+            x = rng.standard_normal(n).astype(np.float32) * 0.01
+            x[16:24] += 5.0                                       # chunk 2 is hot on every rank
+            outs.append(f64(sync.step({"w": x})["w"]))
+        return outs, [f64(loc) for _, _, loc, _ in log["w"]]
+
+    res = world(size, fn)
+    for t in range(3):
+        locs = [res[r][1][t] for r in range(size)]
+        support = [set(np.flatnonzero(loc)) for loc in locs]
+        assert all(s == support[0] for s in support)                  # the same coordinates on every rank
+        chunks = {i // c for i in support[0]}
+        assert len(chunks) == 2 and len(support[0]) == 2 * c         # two whole chunks
+        if metric != "prev" or t == 1:
+            assert 2 in chunks                                        # the hot chunk (prev: by last scores)
+        np.testing.assert_allclose(size * res[0][0][t], np.sum(locs, axis=0), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- lowpass memory
+def test_lowpass_memory_filters_the_error():
+    n = 20
+    mem = gradcomp.create("lowpass:beta=0.25", "memory")
+    ctx = gradcomp.compressors.base.Ctx(NP, "w", (n,), "float32", n, 0, 0, 0, 1)
+    g = np.arange(n, dtype=np.float32)
+    st = mem.init_state(g, ctx)
+    st = {"residual": np.full(n, 2.0, np.float32)}
+    x = mem.compensate(g, st, ctx)
+    np.testing.assert_array_equal(x, g + 2)
+    local = np.where(np.arange(n) % 2 == 0, x, 0).astype(np.float32)
+    new = mem.update(g, x, local, None, st, ctx)["residual"]
+    np.testing.assert_allclose(new, 0.75 * 2.0 + 0.25 * (x - local))
+    plain = gradcomp.create("lowpass:beta=1", "memory").update(g, x, local, None, st, ctx)["residual"]
+    np.testing.assert_array_equal(plain, x - local)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+@pytest.mark.parametrize("spec", ["scalecom:ratio=0.1", "gtopk:ratio=0.1", "aggtopk:ratio=0.1,chunk=8"])
+def test_framework_backends_match_numpy_at_four_ranks(backend, spec):
+    if not backend_available(backend):
+        pytest.skip(f"{backend} not installed")
+
+    def fn(comm, be):
+        sync = gradcomp.GradientSync(spec, comm=comm)
+        rng = np.random.default_rng(comm.rank)
+        outs = [f64(sync.step({"w": make_array(rng.standard_normal(300), be, "float32")})["w"]) for _ in range(3)]
+        return outs, sync.stats()
+
+    ref, got = world(4, lambda c: fn(c, "numpy")), world(4, lambda c: fn(c, backend))
+    for (ra, rs), (ga, gs) in zip(ref, got):
+        for a, b in zip(ra, ga):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        assert rs == gs
