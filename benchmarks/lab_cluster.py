@@ -276,7 +276,9 @@ def add_args(p):
     p.add_argument("--batch", type=int, default=0, help="per-rank batch (default 2; smoke 4)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved rounds over the methods, best kept (default 2)")
     p.add_argument("--loopback", action="store_true", help="skip namespaces: mpirun over loopback TCP")
-    p.add_argument("--timeout", type=int, default=0, help="seconds per launch (default 1200; smoke 120)")
+    p.add_argument("--timeout", type=int, default=0,
+                   help="seconds per launch (default 1200; smoke 120; both scaled by the machine's load); a launch "
+                        "that times out is retried once with twice the time")
 
 
 class NetLab:
@@ -343,7 +345,7 @@ class NetLab:
     def launch(self, cmd, timeout):
         if self.namespaces:
             full = ["bash", f"{NETLAB}/run.sh", "mpi", str(self.ranks)] + cmd
-            env = dict(self.env, GCNET_TIMEOUT=str(timeout))
+            env = dict(self.env, GCNET_TIMEOUT=str(int(timeout)))
         else:
             if not shutil.which("mpirun"):
                 raise RuntimeError("mpirun not found (install Open MPI) and no namespaces: cannot launch ranks")
@@ -361,7 +363,23 @@ class NetLab:
                 pass
             proc.wait()
             raise
+        if self.namespaces and proc.returncode in (124, 137):    # run.sh's own `timeout` fired
+            raise subprocess.TimeoutExpired(full, timeout)
         return proc
+
+
+def _retry_once(start, timeout, what, out_path):
+    """start(timeout); on a timeout, say so and run it once more with twice the time (the partial
+    results file is removed first). A second timeout propagates."""
+    try:
+        return start(timeout)
+    except subprocess.TimeoutExpired:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"cluster: {what} timed out after {timeout:.0f}s (load average {load:.1f}); the machine may be "
+              f"loaded: retrying once with {2 * timeout:.0f}s", file=sys.stderr, flush=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(out_path)
+        return start(2 * timeout)
 
 
 def _namespaces_unavailable() -> str:
@@ -398,7 +416,10 @@ def run(args) -> list[dict]:
     nets = (args.networks or ("1gbit" if smoke else "1gbit,10gbit")).split(",")
     models = (args.models or ("resnet18-c10,lstm" if not smoke else "resnet18-c10")).split(",")
     steps, batch = args.steps or (2 if smoke else 4), args.batch or (4 if smoke else 2)
-    timeout = args.timeout or (120 if smoke else 1200)
+    from gradcomp.comm.launch import load_factor, scaled_timeout
+    timeout = args.timeout or scaled_timeout(120 if smoke else 1200)   # a loaded machine gets more time
+    if not args.timeout and load_factor() > 1:
+        plotting.note(f"cluster: load factor {load_factor():.1f}: {timeout:.0f}s per launch")
     methods = method_list(smoke, args.methods)
     if not methods:
         raise SystemExit(f"--methods {args.methods!r} matches no method; labels: "
@@ -415,8 +436,10 @@ def run(args) -> list[dict]:
             cfile = os.path.join(tmp, f"single-{model}.json")
             json.dump([{"label": "compute only (1 rank)", "kind": "compute"}], open(cfile, "w"))
             out = os.path.join(tmp, f"single-{model}.jsonl")
-            subprocess.run([sys.executable, "-m", "benchmarks.lab_cluster", "--worker", "--single", "--model", model,
-                            "--methods", cfile, "--out", out] + common, cwd=REPO, stdout=sys.stderr, timeout=timeout)
+            _retry_once(lambda t: subprocess.run(
+                [sys.executable, "-m", "benchmarks.lab_cluster", "--worker", "--single", "--model", model,
+                 "--methods", cfile, "--out", out] + common, cwd=REPO, stdout=sys.stderr, timeout=t),
+                timeout, f"single-rank {model}", out)
             got = list(_best(_read_jsonl(out)).values())
             single[model] = got[0] if got else {"status": "error: single-rank run failed"}
             rows.append(_row(single[model], model, "none (1 rank)", 1, batch, None, None))
@@ -427,11 +450,12 @@ def run(args) -> list[dict]:
                     out = os.path.join(tmp, f"{model}-{net}.jsonl")
                     t0 = time.time()
                     try:
-                        r = lab.launch([sys.executable, "-m", "benchmarks.lab_cluster", "--worker", "--model", model,
-                                        "--methods", mfile, "--out", out] + common, timeout)
+                        r = _retry_once(lambda t: lab.launch(
+                            [sys.executable, "-m", "benchmarks.lab_cluster", "--worker", "--model", model,
+                             "--methods", mfile, "--out", out] + common, t), timeout, f"{model} on {lab.label}", out)
                         failed = f"launcher exit {r.returncode}" if r.returncode else ""
                     except subprocess.TimeoutExpired:
-                        failed = f"timed out after {timeout}s"
+                        failed = f"timed out after {timeout:.0f}s and, retried, after {2 * timeout:.0f}s"
                     got = _best(_read_jsonl(out))
                     dense = next((got.get(m["label"], {}).get("step_ms") for m in methods if m["kind"] == "dense"), None)
                     for m in methods:

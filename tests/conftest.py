@@ -163,8 +163,10 @@ def compress_once(comp, x, ctx):
 
 # ------------------------------------------------------------------------------ worlds
 def world(size: int, fn, timeout: float = 30.0):
-    """Run fn(comm) on `size` LocalWorld ranks; a stuck collective fails after `timeout` seconds."""
-    return gradcomp.LocalWorld(size, timeout=timeout).run(fn)
+    """Run fn(comm) on `size` LocalWorld ranks; a stuck collective fails after `timeout` seconds on an
+    idle machine, scaled by the machine's load (a loaded CI machine is not a failure)."""
+    from gradcomp.comm.launch import scaled_timeout
+    return gradcomp.LocalWorld(size, timeout=scaled_timeout(timeout)).run(fn)
 
 
 def catching(fn):
