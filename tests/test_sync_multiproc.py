@@ -7,8 +7,6 @@ a dead rank never hangs the suite.
 """
 import os
 import shutil
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -19,7 +17,11 @@ pytest.importorskip("mpi4py")
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, "mpi_scripts")
 ROOT = os.path.dirname(HERE)
-TIMEOUT = float(os.environ.get("GRADCOMP_MPI_TEST_TIMEOUT", "420"))
+from gradcomp.comm.launch import JobTimeout, load_factor, run_job  # noqa: E402
+
+# seconds a launch may take on an idle machine, times the load factor measured once here
+TIMEOUT = float(os.environ.get("GRADCOMP_MPI_TEST_TIMEOUT", "420")) * load_factor()
+pytestmark = pytest.mark.timeout(TIMEOUT + 60)  # pytest-timeout must outlast the launch's own timeout
 
 
 def _mpirun():
@@ -47,15 +49,11 @@ def run_script(name, *args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, SCRIPTS, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1")
     cmd = _mpirun() + [sys.executable, os.path.join(SCRIPTS, name), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{name} {' '.join(args)} timed out after {TIMEOUT}s:\n{out[-4000:]}")
-    return proc.returncode, out
+        r = run_job(cmd, TIMEOUT, cwd=ROOT, env=env, retries=0, scale=False, label=f"{name} {' '.join(args)}")
+    except JobTimeout as e:
+        pytest.fail(str(e))
+    return r.returncode, r.output
 
 
 @pytest.mark.parametrize("driver", ["optimizer", "manual"])

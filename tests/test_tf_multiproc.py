@@ -12,8 +12,6 @@ TF takes tens of seconds to start on a loaded machine: checks are batched into f
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -28,7 +26,10 @@ pytestmark = [pytest.mark.tf, pytest.mark.mpi]
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, "mpi_scripts")
 ROOT = os.path.dirname(HERE)
-TIMEOUT = float(os.environ.get("GRADCOMP_MPI_TEST_TIMEOUT", "900"))
+from gradcomp.comm.launch import JobTimeout, load_factor, run_job  # noqa: E402
+
+LOAD = load_factor()                     # measured once: every limit below is scaled by it
+TIMEOUT = float(os.environ.get("GRADCOMP_MPI_TEST_TIMEOUT", "900")) * LOAD
 
 # One run per registered compressor, all with the example's defaults (SGD lr 0.05, momentum 0.9, batch 32
 # per rank, 4 epochs, seed 0), compared with `none` under the same settings. Spec choices: ratios that
@@ -76,15 +77,11 @@ def launch(argv, timeout=TIMEOUT):
                TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1")
     env.pop("GRADCOMP_COMPRESSOR", None)
     cmd = _mpirun() + [sys.executable, *argv]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(argv)} timed out after {timeout}s:\n{out[-4000:]}")
-    return proc.returncode, out
+        r = run_job(cmd, timeout, cwd=ROOT, env=env, retries=0, scale=False, label=" ".join(argv))
+    except JobTimeout as e:
+        pytest.fail(str(e))
+    return r.returncode, r.output
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +95,7 @@ def checks(tmp_path_factory):
     return res
 
 
-@pytest.mark.timeout(1000)
+@pytest.mark.timeout(1000 * LOAD)
 @pytest.mark.parametrize("name", ["sgd", "tape", "mismatch", "resume", "broadcast"])
 def test_checks_pass_on_both_ranks(checks, name):
     assert set(checks.get(name, {})) == {0, 1}, f"{name}: not reported by both ranks: {checks.get(name)}"
@@ -107,12 +104,12 @@ def test_checks_pass_on_both_ranks(checks, name):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(2400 * LOAD)
 def test_every_compressor_trains_digits_within_two_points_of_dense():
     names = gradcomp.available()
     token = {n: EXCEPTIONS[n][0] if n in EXCEPTIONS else SPECS.get(n, n) for n in names}
     rc, out = launch([os.path.join(SCRIPTS, "tf_train_compressors.py"), "--epochs", "4", *token.values()],
-                     timeout=2300)
+                     timeout=2300 * LOAD)
     rows = [ln.split() for ln in out.splitlines() if ln.startswith("ACC ")]
     acc = {r[1]: float(r[2]) for r in rows}
     assert rc == 0 and "DONE" in out and set(acc) == set(token.values()), out[-4000:]
@@ -127,11 +124,11 @@ def test_every_compressor_trains_digits_within_two_points_of_dense():
             assert a >= dense - 2.0, f"{token[n]}: {a:.2f}% vs dense {dense:.2f}% (-2 allowed)\n{table}"
 
 
-@pytest.mark.timeout(700)
+@pytest.mark.timeout(700 * LOAD)
 @pytest.mark.parametrize("script", ["tf_keras_train.py", "tf_custom_loop.py"])
 def test_example_runs_on_two_ranks(script):
     rc, out = launch([os.path.join(ROOT, "examples", script), "--epochs", "1", "--compressor", "topk:ratio=0.05",
-                      "--no-progress", "--json"], timeout=600)
+                      "--no-progress", "--json"], timeout=600 * LOAD)
     res = [json.loads(ln[len("RESULT "):]) for ln in out.splitlines() if ln.startswith("RESULT ")]
     assert rc == 0 and len(res) == 1, out[-4000:]
     r = res[0]

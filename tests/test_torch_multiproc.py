@@ -27,9 +27,7 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -43,7 +41,10 @@ pytestmark = [pytest.mark.torch, pytest.mark.mpi]
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, "mpi_scripts")
 ROOT = os.path.dirname(HERE)
-TIMEOUT = float(os.environ.get("GRADCOMP_MPI_TEST_TIMEOUT", "600"))
+from gradcomp.comm.launch import JobTimeout, load_factor, run_job  # noqa: E402
+
+# seconds a launch may take on an idle machine, times the load factor measured once here
+TIMEOUT = float(os.environ.get("GRADCOMP_MPI_TEST_TIMEOUT", "600")) * load_factor()
 LAUNCH = pytest.mark.timeout(TIMEOUT + 60)       # pytest-timeout must outlast the launch's own timeout
 
 DIGITS_SPECS = {
@@ -65,19 +66,11 @@ def _env():
 
 
 def _run(cmd, what):
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{what} timed out after {TIMEOUT:.0f}s (killed):\n{out[-4000:]}")
-    finally:
-        if proc.poll() is None:              # interrupted (e.g. by pytest-timeout): leave nothing behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode, out
+        r = run_job(cmd, TIMEOUT, cwd=ROOT, env=_env(), retries=0, scale=False, label=what)
+    except JobTimeout as e:
+        pytest.fail(f"{e} (killed)")
+    return r.returncode, r.output
 
 
 def _mpirun(script, *args):
