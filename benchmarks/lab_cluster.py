@@ -42,7 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETLAB = os.path.join(REPO, "mpi", "netlab")
 COLUMNS = ["model", "network", "ranks", "method", "step_ms", "samples_s", "efficiency", "MB_per_step",
            "vs_dense", "rounds_ms", "status"]
-COMPRESSORS = ["none", "fp16", "topk", "randomk", "randproj", "powersgd", "signsgd", "qsgd", "dgc"]
+COMPRESSORS = ["none", "fp16", "topk", "randomk", "randproj", "sketch", "powersgd", "signsgd", "qsgd", "dgc"]
 POLICIES = ["localsgd:period=4", "da:period=4", "da-pipelined:period=4", "slowmo:period=4"]
 
 

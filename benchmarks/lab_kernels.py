@@ -36,7 +36,8 @@ from benchmarks import plotting, workloads
 COLUMNS = ["device", "model", "method", "compress_ms", "decompress_ms", "total_ms", "x_copy",
            "payload_MB", "ratio", "rel_error", "status"]
 LAB_PARAMS = {"ratio": "0.01", "rank": "4"}      # applied where a compressor declares the parameter
-PER_NAME = {"randproj": {"ratio": "100"}}         # its `ratio` is dense/payload (100x ~ 1% of the entries)
+PER_NAME = {"randproj": {"ratio": "100"},         # its `ratio` is dense/payload (100x ~ 1% of the entries)
+            "sketch": {"ratio": "100"}}
 EXTRA_SPECS = {"topk": ["topk:ratio=0.01,mode=sampled"]}
 
 

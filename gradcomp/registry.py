@@ -24,6 +24,7 @@ COMPRESSORS = {
     "natural": "gradcomp.compressors.natural:NaturalCompressor",
     "powersgd": "gradcomp.compressors.powersgd:PowerSGDCompressor",
     "randproj": "gradcomp.compressors.randproj:RandProjCompressor",
+    "sketch": "gradcomp.compressors.sketch:SketchCompressor",
     "rbgs": "gradcomp.compressors.rbgs:RBGSCompressor",
     "scalecom": "gradcomp.compressors.scalecom:ScaleComCompressor",
     "gtopk": "gradcomp.compressors.gtopk:GTopKCompressor",

@@ -17,12 +17,21 @@ import pytest
 import gradcomp
 from gradcomp.backend import backend_by_name
 
-from conftest import f64, load, make_array, make_ctx, need_backend, record_locals, world
+from conftest import RecordingComm, f64, load, make_array, make_ctx, need_backend, record_locals, world
 
 NP = backend_by_name("numpy")
 RANDPROJ = ["randproj:ratio=8,rows=2", "randproj:ratio=8,rows=3,kind=countsketch",
-            "randproj:ratio=5,rows=1,sum_units=3", "randproj:ratio=1"]
+            "randproj:ratio=5,rows=1,sum_units=3", "randproj:ratio=1", "randproj:ratio=8,rows=2,ref=0.3",
+            "randproj:ratio=6,ref=0.5,unbiased=true", "randproj:ratio=4,layout=channel,ref=0.1"]
 SUMMABLE = RANDPROJ + ["rbgs:ratio=0.1", "rbgs:ratio=0.3,unbiased=true"]
+
+
+def _compress_all_rounds(comp, x, state, ctx):
+    """One rank's payload after every round (its own payload standing in for each round's sum)."""
+    payload, info = comp.compress(x, state, ctx)
+    for _ in range(1, comp.rounds):
+        payload, info = comp.next_round(list(payload), info, state, ctx)
+    return list(payload), info
 
 
 def _grads(rng, n, size):
@@ -50,7 +59,8 @@ def test_decode_of_summed_payloads_is_sum_of_decodes(spec, n):
     np.testing.assert_allclose(dec_sum, sum_dec, rtol=0, atol=1e-5 * max(1.0, np.abs(sum_dec).max()))
 
 
-@pytest.mark.parametrize("spec", ["powersgd:rank=2", "powersgd:rank=1,min_compression=1"] + SUMMABLE[:3])
+@pytest.mark.parametrize("spec", ["powersgd:rank=2", "powersgd:rank=1,min_compression=1", "sketch:ratio=4",
+                                  "sketch:ratio=3,rows=1,share=0.3"] + SUMMABLE[:3] + SUMMABLE[4:7])
 def test_pipeline_average_is_mean_of_local_decodes(spec):
     """Through the real allreduce (both PowerSGD rounds): size * average == sum of local decodes."""
     comp = load(spec)
@@ -204,7 +214,8 @@ def test_rbgs_payload_is_the_block_values_only():
 
 # ------------------------------------------------------------------------------ error feedback
 @pytest.mark.parametrize("spec", ["randproj:ratio=8,rows=2", "randproj:ratio=6,rows=2,sum_units=4",
-                                  "rbgs:ratio=0.2", "powersgd:rank=1"])
+                                  "randproj:ratio=8,ref=0.2", "randproj:ratio=5,layout=channel,ref=0.1",
+                                  "rbgs:ratio=0.2", "powersgd:rank=1", "sketch:ratio=5"])
 def test_error_feedback_sum_of_sent_plus_residual_is_sum_of_gradients(spec):
     comp = load(spec)
     steps, size = 5, 3
@@ -333,6 +344,176 @@ def test_powersgd_state_round_trips_through_state_dict():
         assert not np.allclose(outs_a[0], outs_c[0])           # the restored Q/residual mattered
 
 
+# ------------------------------------------------------------------------------ randproj reference gradient
+@pytest.mark.parametrize("spec", ["randproj:ratio=8,rows=2,ref=0.3", "randproj:ratio=6,ref=0.5,unbiased=true",
+                                  "randproj:ratio=4,layout=channel,ref=0.1"])
+def test_randproj_reference_decode_is_affine_and_summable_with_a_nonzero_reference(spec):
+    """Each rank decodes a + P(x - a); the decode of the summed payloads is size * a + P(sum d)."""
+    comp = load(spec)
+    n, size, shape = 12 * 11, 3, (12, 11)
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(n).astype(np.float32)                  # shared by every rank
+    pays, infos, locs = [], [], []
+    for r, x in enumerate(_grads(rng, n, size)):
+        ctx = make_ctx(NP, "w", n, step=4, seed=2, rank=r, size=size, shape=shape)
+        p, info = comp.compress(x, {"ref": a}, ctx)
+        pays.append(p), infos.append(info)
+        locs.append(f64(comp.decompress(p, info, ctx)))
+        zero_ref, _ = comp.compress(x - a, {"ref": np.zeros(n, np.float32)}, ctx)
+        np.testing.assert_allclose(f64(p[0]), f64(zero_ref[0]), rtol=1e-5, atol=1e-5)   # compresses x - a
+    ctx = make_ctx(NP, "w", n, step=4, seed=2, size=size, shape=shape)
+    summed = [sum(p[0] for p in pays)]
+    np.testing.assert_allclose(f64(comp.decompress(summed, infos[0], ctx)), np.sum(locs, axis=0),
+                               rtol=0, atol=1e-4)
+
+
+def test_randproj_reference_is_the_same_on_every_rank_and_averages_the_aggregate():
+    """ratio=1 makes P the identity: a_{t+1} = a_t + alpha (mean_r g_r - a_t) exactly, bit-identical
+    on every rank although each rank compresses different data."""
+    alpha, steps, size = 0.25, 4, 3
+
+    def fn(comm):
+        sync = gradcomp.GradientSync(f"randproj:ratio=1,ref={alpha}", memory="none", comm=comm, seed=1)
+        rng = np.random.default_rng([1, comm.rank])
+        refs, gs = [], []
+        for _ in range(steps):
+            g = rng.standard_normal((6, 5)).astype(np.float32)
+            gs.append(f64(g).ravel())
+            sync.step({"w": g})
+            refs.append(np.array(sync._cst["w"]["ref"], copy=True))
+        return refs, gs
+
+    res = world(size, fn)
+    for r in range(1, size):
+        for t in range(steps):
+            np.testing.assert_array_equal(res[r][0][t], res[0][0][t])
+    a = np.zeros(30)
+    for t in range(steps):
+        mean = np.mean([res[r][1][t] for r in range(size)], axis=0)
+        a = a + alpha * (mean - a)
+        np.testing.assert_allclose(f64(res[0][0][t]), a, rtol=0, atol=1e-5)
+
+
+def test_randproj_reference_follows_a_constant_gradient_so_the_error_vanishes():
+    """With a fixed gradient the reference converges to it, so what is projected (g - a) goes to
+    zero and the decoded average becomes exact: plain randproj's one-step error stays ~sqrt(1 - 1/ratio)."""
+    n, size = 512, 2
+    g0 = np.random.default_rng(5).standard_normal((size, n)).astype(np.float32)
+
+    def fn(comm, spec):
+        sync = gradcomp.GradientSync(spec, memory="none", comm=comm, seed=3)
+        return [f64(sync.step({"w": g0[comm.rank]})["w"]) for _ in range(300)]
+
+    mean = f64(g0).mean(0)
+    for spec, final in (("randproj:ratio=8,ref=0.1", 0.02), ("randproj:ratio=8", None)):
+        outs = world(size, lambda comm: fn(comm, spec))[0]
+        err = np.linalg.norm(outs[-1] - mean) / np.linalg.norm(mean)
+        if final is None:
+            assert err > 0.9
+        else:
+            assert err < final
+
+
+def test_randproj_unbiased_decode_is_unbiased_around_the_reference():
+    comp = load("randproj:ratio=4,ref=0.5,unbiased=true")
+    assert comp.default_memory == "none" and load("randproj:ratio=4").default_memory == "residual"
+    n, draws = 24, 800
+    rng = np.random.default_rng(0)
+    x, a = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    dec = np.empty((draws, n))
+    for t in range(draws):
+        ctx = make_ctx(NP, "w", n, step=t, seed=1)
+        p, info = comp.compress(x, {"ref": a}, ctx)
+        dec[t] = f64(comp.decompress(p, info, ctx))
+    sem = dec.std(0, ddof=1) / np.sqrt(draws)
+    assert np.all(np.abs(dec.mean(0) - x) < 5.5 * sem + 1e-6)
+    assert dec.std(0).mean() > 0.1                          # it really is a random estimate
+
+
+def test_randproj_channel_layout_sends_rows_per_output_channel_and_1d_exactly():
+    comp = load("randproj:ratio=10,layout=channel")
+    sync = gradcomp.GradientSync(comp, seed=0)
+    rng = np.random.default_rng(0)
+    w, bias = rng.standard_normal((8, 3, 3, 5)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    out = sync.step({"w": w, "b": bias})
+    st = sync.stats()
+    assert st["bytes_sent"] == 4 * (8 * round(45 / 10) + 8)          # 4 values per 45-entry channel; bias exact
+    np.testing.assert_allclose(out["b"], bias, rtol=1e-6)
+    ctx = make_ctx(NP, "w", w.size, shape=w.shape)
+    p, info = comp.compress(w.ravel(), {}, ctx)
+    assert info["kc"] == (4, 45) and p[0].size == 32
+    with pytest.raises(ValueError, match="unbiased"):
+        gradcomp.create("randproj:unbiased=true,sum_units=2")
+
+
+def test_randproj_reference_round_trips_through_state_dict():
+    spec = "randproj:ratio=8,ref=0.2"
+
+    def fn(comm):
+        rng = np.random.default_rng([9, comm.rank])
+        grads = [{"w": rng.standard_normal((16, 12)).astype(np.float32)} for _ in range(6)]
+        a = gradcomp.GradientSync(spec, comm=comm, seed=2)
+        for g in grads[:3]:
+            a.step(g)
+        sd = copy.deepcopy(a.state_dict())
+        assert np.abs(sd["compressor_state"]["w"]["ref"]).max() > 0
+        b = gradcomp.GradientSync(spec, comm=comm, seed=2)
+        b.load_state_dict(sd)
+        outs_a = [f64(a.step(g)["w"]) for g in grads[3:]]
+        outs_b = [f64(b.step(g)["w"]) for g in grads[3:]]
+        c = gradcomp.GradientSync(spec, comm=comm, seed=2)
+        c.load_state_dict(dict(sd, compressor_state={"w": {"ref": np.zeros(192, np.float32)}}))
+        outs_c = [f64(c.step(g)["w"]) for g in grads[3:]]
+        return outs_a, outs_b, outs_c
+
+    for outs_a, outs_b, outs_c in world(2, fn):
+        for x, y in zip(outs_a, outs_b):
+            np.testing.assert_array_equal(x, y)
+        assert not np.allclose(outs_a[0], outs_c[0])           # the restored reference mattered
+
+
+# ------------------------------------------------------------------------------ sketch
+def test_sketch_recovers_the_heavy_hitters_of_the_sum_exactly():
+    """20 spikes (plus small noise) spread over 3 ranks: the unsketched top-k of the *summed* sketch
+    finds all of them and the second round returns their exact averages; the payload is r*w + k."""
+    n, size, spikes = 20000, 3, np.random.default_rng(0).choice(20000, 20, replace=False)
+    spec = "sketch:ratio=10,rows=5,share=0.05"
+
+    def fn(comm):
+        rng = np.random.default_rng([1, comm.rank])
+        x = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+        x[spikes[comm.rank::size]] += 5.0 + np.arange(len(spikes[comm.rank::size]))   # each rank its own
+        rec = RecordingComm(comm)
+        sync = gradcomp.GradientSync(spec, memory="none", comm=rec, seed=7)
+        return x, sync.step({"w": x})["w"], rec.payload_bytes()
+
+    res = world(size, fn)
+    mean = np.mean([f64(r[0]) for r in res], axis=0)
+    out = f64(res[0][1])
+    kept = np.flatnonzero(out)
+    comp = load(spec)
+    r, w, k = comp.plan(n)
+    assert (r, w, k) == (5, 380, 100) and len(kept) == k
+    assert set(spikes) <= set(kept)
+    np.testing.assert_allclose(out[kept], mean[kept], rtol=1e-5, atol=1e-7)     # exact values, not estimates
+    assert all(r_[2] == 4 * (r * w + k) for r_ in res)
+    assert comp.ratio_of(n) == n / (r * w + k) == 10.0
+
+
+def test_sketch_median_and_plan():
+    from gradcomp.compressors.sketch import _median
+    rng = np.random.default_rng(0)
+    for rows in (1, 2, 3, 4, 5):
+        v = [rng.standard_normal(50) for _ in range(rows)]
+        np.testing.assert_allclose(_median(NP, v), np.median(np.stack(v), axis=0))
+    comp = load("sketch:ratio=100")
+    assert comp.plan(2) is None and comp.ratio_of(2) == 1.0      # too small to sketch: sent exactly
+    assert comp.plan(150) == (1, 1, 1) and comp.plan(30000) == (3, 50, 150)
+    sync = gradcomp.GradientSync(comp, seed=0)
+    g = np.arange(2, dtype=np.float32)
+    np.testing.assert_array_equal(sync.step({"b": g})["b"], g)
+
+
 # ------------------------------------------------------------------------------ GMC
 D, ROWS, SIZE = 40, 60, 4
 
@@ -445,19 +626,24 @@ def test_gmc_plus_keeps_momentum_out_of_the_residual_for_unsent_coordinates():
 
 # ------------------------------------------------------------------------------ backends
 @pytest.mark.parametrize("spec", ["randproj:ratio=8,rows=2", "randproj:ratio=8,rows=3,kind=countsketch",
-                                  "randproj:ratio=5,rows=2,sum_units=3", "rbgs:ratio=0.1"])
+                                  "randproj:ratio=5,rows=2,sum_units=3", "rbgs:ratio=0.1",
+                                  "randproj:ratio=8,ref=0.5,unbiased=true", "randproj:ratio=9,layout=channel,ref=0.5",
+                                  "sketch:ratio=10"])
 @pytest.mark.parametrize("other", ["torch", "tensorflow"])
 def test_numpy_torch_tf_agree_on_payloads(spec, other):
     be = need_backend(other)
     comp = load(spec)
     n = 8 * 37 + 5
     data = np.random.default_rng(1).standard_normal(n)
+    ref0 = np.random.default_rng(2).standard_normal(n)           # a nonzero shared reference
     for step in (0, 7):
-        ref_ctx = make_ctx(NP, "w", n, step=step, seed=4)
-        ref_p, ref_info = comp.compress(data.astype(np.float32), {}, ref_ctx)
+        ref_ctx = make_ctx(NP, "w", n, step=step, seed=4, shape=(7, 43))
+        state = {"ref": ref0.astype(np.float32)} if getattr(comp, "ref", 0) > 0 else {}
+        ref_p, ref_info = _compress_all_rounds(comp, data.astype(np.float32), state, ref_ctx)
         x = make_array(data, other, "float32")
-        ctx = make_ctx(be, "w", n, step=step, seed=4)
-        p, info = comp.compress(x, {}, ctx)
+        ctx = make_ctx(be, "w", n, step=step, seed=4, shape=(7, 43))
+        state = {"ref": make_array(ref0, other, "float32")} if getattr(comp, "ref", 0) > 0 else {}
+        p, info = _compress_all_rounds(comp, x, state, ctx)
         assert len(p) == len(ref_p)
         for a, b in zip(p, ref_p):
             np.testing.assert_allclose(f64(a), f64(b), rtol=1e-5, atol=1e-5)

@@ -39,6 +39,30 @@ gives ~256x). U is capped at n. Use it with memory `residual` (the default), or 
 sent are lost. With sum_units > 1 the unit bounds need the step as a Python int, so gradcomp_tf
 runs it on its eager path (sum_units=1 traces into tf.function).
 
+Reference gradient (`ref=alpha` > 0; the other reading of the Sequential Update Method, after the
+source group's public code, which compresses the deviation from a running reference gradient): a
+per-tensor reference a, identical on every rank, is kept in the compressor state, and
+
+    C(x) = C_0(x - a)                        (C_0 the projection above)
+    D(y) = a + P(y)      per rank;  D(sum_r y_r) = size * a + P(sum_r y_r)
+    a <- a + alpha * s * P(mean_r y_r)       after the step, from the *reduced* payload only
+           (s = c/k per chunk, t/k_t for the tail: s * P is an unbiased estimate of the identity)
+
+so the decode stays linear in the sum (a enters once per rank), the payload is unchanged, and a is
+an exponential average at rate alpha of the unbiased estimates a + s P(mean d) of the mean
+compensated gradient. decompress() tells its own payload (info["own"]) from a reduced sum by
+identity, as powersgd does: drivers other than GradientSync must decompress the reduced payload
+before new_state(). With alpha * s = 1 (alpha = 1/ratio) a becomes the last decoded average.
+`unbiased=true` decodes a + s P(x - a) (E = x; the reference then reduces the variance s ||x - a||^2
+of the estimate); its default memory is `none`, since error feedback of an expanding decode is not
+contractive. It cannot be combined with sum_units > 1.
+
+Layout (`layout`): `flat` cuts the flattened tensor into chunks of round(ratio * rows) entries as
+above; `channel` makes every output channel one chunk (c = numel / shape[0] entries, the row of the
+(out, in*kh*kw) view) with k = max(1, round(c / ratio)) values each, like the source group's
+per-output-channel projection; 0-d and 1-D tensors are then sent exactly. Its ratio depends on the
+shape (ratio_of() is nan).
+
 Structures (`kind`), all applied as one (N x c) @ (c x k) matmul on the chunk matrix:
   orth         B = QR(Rademacher c x k) (default; for rows=1 a normalized sign vector).
   countsketch  chunk position i goes to bucket h(i) with sign s(i); columns normalized to 1
@@ -109,11 +133,36 @@ class RandProjCompressor(Compressor):
         "rows": Param(int, 1, "projected values per chunk (matmul cost grows with it)", lo=1, hi=4096),
         "kind": Param(str, "orth", "projection structure", choices=("orth", "countsketch")),
         "sum_units": Param(int, 1, "Sequential Update Method: units sent in turn (1 = off)", lo=1),
+        "ref": Param(float, 0.0, "reference-gradient rate alpha (0 = off): compress x - a, a shared by all ranks",
+                     lo=0.0, hi=1.0),
+        "unbiased": Param(bool, False, "decode scaled by chunk/rows: E[D(C(x))] = x (use without error feedback)"),
+        "layout": Param(str, "flat", "chunks: `flat` (ratio*rows entries) or `channel` (one output channel)",
+                        choices=("flat", "channel")),
     }
+
+    def validate(self):
+        if self.unbiased and self.sum_units > 1:
+            raise ValueError("randproj: unbiased=true cannot be combined with sum_units > 1 (the units not sent "
+                             "this step decode to zero, so the estimate is not unbiased); use one of them")
+
+    @property
+    def default_memory(self) -> str:
+        """`residual` (error feedback), or `none` for the unbiased decode (error feedback with an expanding
+        decode is not contractive)."""
+        return "none" if self.unbiased else "residual"
 
     @property
     def chunk(self) -> int:
         return max(self.rows, int(round(self.ratio * self.rows)))
+
+    def geometry(self, ctx):
+        """(k, c): k projected values per chunk of c entries for this tensor."""
+        if self.layout == "flat":
+            return self.rows, self.chunk
+        if len(ctx.shape) < 2 or ctx.numel == 0:
+            return 1, 1                                     # 0-d / 1-D tensors: sent exactly
+        c = ctx.numel // int(ctx.shape[0])
+        return max(1, min(c, int(round(c / self.ratio)))), c
 
     # ------------------------------------------------------------------ shared random bases
     def basis(self, ctx, c: int, k: int, purpose: str, like):
@@ -135,10 +184,9 @@ class RandProjCompressor(Compressor):
             q = q * b.reshape(1.0 / b.sqrt(b.maximum(cnt, 1.0)), (1, k))
         return b.cast(q, b.dtype(like))
 
-    def bases(self, ctx, t: int, like):
+    def bases(self, ctx, t: int, like, k: int, c: int):
         """((B, B^T), (T, T^T) or None): the chunk basis and the basis of a t-entry tail, cached."""
         b = ctx.backend
-        k, c = self.rows, self.chunk
         eager = isinstance(ctx.step, numbers.Integral) and (b.name != "tensorflow" or hasattr(like, "numpy"))
         tag = ("randproj", self.kind, ctx.seed, ctx.step, c, k, b.name, b.device(like), b.dtype(like))
 
@@ -176,35 +224,48 @@ class RandProjCompressor(Compressor):
         return (u * n) // units, ((u + 1) * n) // units
 
     # ------------------------------------------------------------------ compress / decompress
+    def init_state(self, x, ctx):
+        return {"ref": ctx.backend.zeros_like(x)} if self.ref > 0 else {}
+
     def compress(self, x, state, ctx):
         b = ctx.backend
-        k, c = self.rows, self.chunk
+        k, c = self.geometry(ctx)
+        a = state.get("ref") if self.ref > 0 else None
+        d = x if a is None else x - a                      # the deviation from the shared reference
         u0, u1 = self.unit(ctx)
-        seg = x if (u0, u1) == (0, ctx.numel) else b.slice(x, u0, u1)
+        seg = d if (u0, u1) == (0, ctx.numel) else b.slice(d, u0, u1)
         length = u1 - u0
         nch, t = divmod(length, c)
-        chunk, tail_b = self.bases(ctx, t, x)
-        parts, info = [], {"unit": (u0, u1), "nch": nch, "tail": t, "B": chunk, "T": tail_b}
+        chunk, tail_b = self.bases(ctx, t, x, k, c)
+        parts, info = [], {"unit": (u0, u1), "nch": nch, "tail": t, "B": chunk, "T": tail_b, "kc": (k, c),
+                           "a": a}
         if nch:
             body = seg if t == 0 else b.slice(seg, 0, nch * c)
             parts.append(b.reshape(b.matmul(b.reshape(body, (nch, c)), chunk[0]), (-1,)))
         if t:
             tail = b.reshape(b.slice(seg, nch * c, length), (1, t))
             parts.append(b.reshape(b.matmul(tail, tail_b[0]), (-1,)))
-        return [parts[0] if len(parts) == 1 else b.cat(parts)], info
+        y = parts[0] if len(parts) == 1 else b.cat(parts)
+        if a is not None:
+            info["own"] = y                                 # tells decompress() its own payload from a sum
+        return [y], info
 
-    def decompress(self, payload, info, ctx):
+    def project_back(self, y, info, ctx, unbiased: bool):
+        """B y per chunk (and T y for the tail), zero outside this step's unit; times the unbiasing
+        scale c/k (t/k_t for the tail) if `unbiased`."""
         b = ctx.backend
-        y = payload[0]
-        k, c = self.rows, self.chunk
+        k, c = info["kc"]
         nch, t = info["nch"], info["tail"]
         parts = []
         if nch:
             yb = y if not t else b.slice(y, 0, nch * k)
-            parts.append(b.reshape(b.matmul(b.reshape(yb, (nch, k)), info["B"][1]), (-1,)))
+            pb = b.reshape(b.matmul(b.reshape(yb, (nch, k)), info["B"][1]), (-1,))
+            parts.append(pb * (c / k) if unbiased and c != k else pb)
         if t:
             yt = b.slice(y, nch * k, b.numel(y))
-            parts.append(b.reshape(b.matmul(b.reshape(yt, (1, -1)), info["T"][1]), (-1,)))
+            pt = b.reshape(b.matmul(b.reshape(yt, (1, -1)), info["T"][1]), (-1,))
+            kt = b.numel(yt)
+            parts.append(pt * (t / kt) if unbiased and t != kt else pt)
         u0, u1 = info["unit"]
         if u0 > 0:
             parts.insert(0, b.zeros(u0, b.dtype(y), y))
@@ -212,7 +273,36 @@ class RandProjCompressor(Compressor):
             parts.append(b.zeros(ctx.numel - u1, b.dtype(y), y))
         return parts[0] if len(parts) == 1 else b.cat(parts)
 
+    def decompress(self, payload, info, ctx):
+        y = payload[0]
+        out = self.project_back(y, info, ctx, self.unbiased)
+        a = info["a"]
+        if a is None:
+            return out
+        # Affine in the payload: each rank's decode adds the shared reference once, so the decode of
+        # the sum over ranks adds it `size` times (decode of the sum == sum of the decodes).
+        if y is info["own"]:
+            return out + a
+        info["reduced"] = y
+        return out + a * float(ctx.size)
+
+    def new_state(self, info, state, ctx):
+        """a <- a + alpha * (s P(mean d)): an exponential average, at rate alpha, of the unbiased
+        estimate a + s P(mean d) of the mean compensated gradient, from the *reduced* payload only."""
+        if self.ref <= 0:
+            return state
+        y = info.get("reduced")
+        if y is None:
+            if ctx.size > 1:
+                raise RuntimeError("randproj: new_state() needs decompress() of the reduced payload first "
+                                   "(GradientSync does this); the reference is updated from that sum")
+            y = info["own"]
+        step = self.project_back(y, info, ctx, True)
+        return {"ref": info["a"] + step * (self.ref / float(ctx.size))}
+
     def ratio_of(self, numel: int) -> float:
+        if self.layout == "channel":
+            return float("nan")                             # depends on the shape, not only on numel
         units = max(1, min(self.sum_units, numel))
         per_unit = numel / units
         return numel / max(1.0, payload_len(int(round(per_unit)), self.rows, self.chunk))
