@@ -158,8 +158,11 @@ def test_tape_in_tf_function_matches_eager_step_for_step(spec):
     for res in (traced, island):
         for r in range(2):
             for s in range(3):
+                # A traced step may run other fp32 kernels than eager (oneDNN/Grappler fusions on AVX-512
+                # CPUs), and error feedback carries those last-bit differences into later steps: compare
+                # at a few fp32 ulps of the step's scale, far below what a wrong average would give.
                 for a, b in zip(eager[r][0][s], res[r][0][s]):
-                    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+                    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-5 * (1 + np.abs(a).max()))
             assert res[r][1]["bytes_sent"] == eager[r][1]["bytes_sent"] and res[r][1]["steps"] == 3
     for s in range(3):   # every rank got the same average
         for a, b in zip(traced[0][0][s], traced[1][0][s]):
