@@ -9,6 +9,19 @@ rounds of multi-round compressors, decodes, and only then commits every residual
 Summable payloads go through one allreduce per dtype and bucket; the others through one
 allgather per bucket. If any rank saw a non-finite gradient, every rank raises
 NonFiniteGradientError from `finish()` and no state changes: the step can be skipped or retried.
+
+Missing gradients: `start(..., absent=names)` says this rank has no gradient for `names` (it
+passes zeros in their place, so every rank issues the same collectives). Every rank learns, with
+the non-finite flag, on how many ranks each tensor had a gradient: a tensor no rank had comes back
+as None and its state is left untouched (a frozen or unused parameter is skipped, as in torch);
+a tensor some rank had is averaged with zeros for the ranks without (Horovod's rule), so the
+ranks stay identical.
+
+Loss scaling: `start(..., loss_scale=S)` says the gradients arrive multiplied by S (GradScaler).
+The state the memory and compressor declare in gradient units (`gradient_state`, gradcomp/state.py)
+is kept in the units of the scale it was last used with and rescaled by S_new / S_old when the
+scale changes, so a residual keeps its meaning across scale changes while the payloads stay in
+loss-scaled units (fp16 compression keeps the range loss scaling buys).
 """
 from __future__ import annotations
 
@@ -22,6 +35,7 @@ from gradcomp.comm.base import check_consistent
 from gradcomp.comm.single import SingleCommunicator
 from gradcomp.compressors.base import Ctx
 from gradcomp.config import resolve_memory
+from gradcomp.state import split
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -49,6 +63,7 @@ class _Bucket:
     entries: list
     handles: list = field(default_factory=list)   # (kind, handle, layout)
     flag: object = None
+    presence: bool = False                        # flag carries, after the count, a has-gradient flag per entry
     meta: int = 0                                 # header bytes, counted only once the step commits
 
 
@@ -69,6 +84,7 @@ class GradientSync:
         self.seed = int(seed)
         self.check_finite, self.check_config = check_finite, check_config
         self._mem, self._cst, self._shapes, self._work = {}, {}, {}, {}
+        self._scale, self._adopt_rep = {}, {}     # loss scale of each tensor's state; replicated state to adopt
         self._step = 0
         self._stats = traffic.new_counters()     # plain numbers: they checkpoint (gradcomp/traffic.py)
         self._buckets: list[_Bucket] = []
@@ -98,7 +114,8 @@ class GradientSync:
         self.start(named_grads)
         return self.finish()
 
-    def start(self, named_grads: dict, *, donate: bool = False, weight: float = 1.0):
+    def start(self, named_grads: dict, *, donate: bool = False, weight: float = 1.0, absent=None,
+              loss_scale: float | None = None):
         """Compress `named_grads` and issue their collectives; returns immediately.
 
         donate=True gives the gradient arrays away: a payload that is the gradient itself (`none`
@@ -108,23 +125,35 @@ class GradientSync:
 
         weight scales this rank's gradients before error feedback and compression, exactly as if the
         caller had passed weight * g: with w_r = P * n_r / N the average is the mean weighted by the
-        n_r samples each rank processed (gradcomp.balance)."""
+        n_r samples each rank processed (gradcomp.balance). absent: names this rank has no gradient
+        for (zeros passed in their place); every rank must pass it or none must (see the module
+        docstring). loss_scale: the factor the gradients carry (GradScaler's scale; None = 1)."""
         if not isinstance(named_grads, dict):
             raise TypeError("GradientSync expects a dict {name: gradient array}")
         if weight != 1.0:
             named_grads = {k: _weighted(g, weight, donate) for k, g in named_grads.items()}
         if not self._checked and self.check_config:
             self.check({k: get_backend(v).shape(v) for k, v in named_grads.items()})
-        entries = [self._prepare(name, g, donate) for name, g in named_grads.items()]
+        scale = 1.0 if loss_scale is None else float(loss_scale)
+        if not (scale > 0 and scale != float("inf")):
+            raise ValueError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
+        entries = [self._prepare(name, g, donate, scale) for name, g in named_grads.items()]
         bucket = _Bucket(entries)
-        if self.check_finite and entries:
+        if (self.check_finite or absent is not None) and entries:
             b = entries[0].ctx.backend
             bad = sum((b.count_nonfinite(e.g) for e in entries[1:]), b.count_nonfinite(entries[0].g))
-            bucket.flag = self.comm.allreduce(b.reshape(b.cast(bad, "float32"), (1,)), name="nonfinite")
+            flag = b.reshape(b.cast(bad, "float32"), (1,)) if self.check_finite else \
+                b.from_numpy(np.zeros(1, np.float32), entries[0].g)
+            if absent is not None:
+                absent = set(absent)
+                here = np.array([e.name not in absent for e in entries], dtype=np.float32)
+                flag = b.cat([flag, b.from_numpy(here, entries[0].g)])
+                bucket.presence = True
+            bucket.flag = self.comm.allreduce(flag, name="nonfinite")
         self._launch(bucket, [e for e in entries if e.numel_ok])
         self._buckets.append(bucket)
 
-    def _prepare(self, name, g, donate=False):
+    def _prepare(self, name, g, donate=False, scale=1.0):
         b = get_backend(g)
         shape, dtype = tuple(b.shape(g)), b.dtype(g)
         if not b.is_floating(g):
@@ -139,7 +168,8 @@ class GradientSync:
                              "in float32, and a tensor cannot move between the two (reset() after changing "
                              "the model's precision)")
         n = b.numel(g)
-        ctx = Ctx(b, name, shape, dtype, n, self._step, self.seed, self.comm.rank, self.comm.size)
+        ctx = Ctx(b, name, shape, dtype, n, self._step, self.seed, self.comm.rank, self.comm.size,
+                  loss_scale=scale)
         flat = b.flatten(g)
         flat = b.cast(flat, work)
         e = _Entry(name, shape, dtype, ctx, g=flat)
@@ -150,9 +180,20 @@ class GradientSync:
             self._shapes[name], self._work[name] = shape, work
             self._mem[name] = self.memory.init_state(flat, ctx)
             self._cst[name] = self.compressor.init_state(flat, ctx)
+            rep = self._adopt_rep.pop(name, None)         # replicated state from load_replicated_state_dict
+            if rep is not None:
+                self._mem[name] = _adopt(dict(self._mem[name], **rep[0]), flat, b)
+                self._cst[name] = _adopt(dict(self._cst[name], **rep[1]), flat, b)
+            else:
+                self._scale[name] = scale
         else:
             self._mem[name] = _adopt(self._mem[name], flat, b)
             self._cst[name] = _adopt(self._cst[name], flat, b)
+        old = self._scale.get(name, 1.0)
+        if old != scale:                # same meaning in the new units (exact for powers of two)
+            self._mem[name] = _rescale(self.memory, self._mem[name], scale / old)
+            self._cst[name] = _rescale(self.compressor, self._cst[name], scale / old)
+            self._scale[name] = scale
         e.x = self.memory.compensate(flat, self._mem[name], ctx)
         try:
             payload, e.info = self.compressor.compress(e.x, self._cst[name], ctx)
@@ -231,17 +272,21 @@ class GradientSync:
         try:
             for bk in buckets:
                 self._collect(bk)
-            bad = 0.0
+            bad, nobody = 0.0, set()
             for bk in buckets:
                 if bk.flag is not None:
                     r = bk.flag.wait()
                     rb = get_backend(r)
-                    bad += rb.item(rb.reshape(r, ()))
+                    r = np.asarray(rb.to_numpy(r), dtype=np.float64).reshape(-1)
+                    bad += float(r[0])
+                    if bk.presence:
+                        nobody.update(e.name for e, c in zip(bk.entries, r[1:]) if c < 0.5)
             if bad:
                 raise NonFiniteGradientError(
                     f"step {self._step}: {int(bad)} non-finite gradient value(s) across ranks; no state was "
                     "changed. Lower the learning rate, use loss scaling, or skip this batch and call again.")
             live = [e for bk in buckets for e in bk.entries if e.numel_ok]
+            skipped = [e for e in live if e.name in nobody]
             meta = sum(bk.meta for bk in buckets)
             for rnd in range(1, comp.rounds):
                 pending = _Bucket([])
@@ -257,6 +302,9 @@ class GradientSync:
             for bk in buckets:
                 for e in bk.entries:
                     b = e.ctx.backend
+                    if e.name in nobody:        # no rank had a gradient: skipped, state untouched
+                        out[e.name] = None
+                        continue
                     if not e.numel_ok:
                         out[e.name] = b.reshape(b.cast(e.g, e.dtype), e.shape)
                         continue
@@ -277,6 +325,8 @@ class GradientSync:
                 bk.handles = []
             raise
         self._stats["bytes_meta"] += meta
+        for e in skipped:                   # sent, though nobody had a gradient: the traffic counts
+            traffic.account(self._stats, comp, e)
         for e, mem, cst in commits:
             self._mem[e.name], self._cst[e.name] = mem, cst
             traffic.account(self._stats, comp, e)
@@ -303,9 +353,38 @@ class GradientSync:
                 "memory": self.memory.spec(), "rank": self.comm.rank, "stats": dict(self._stats),
                 "shapes": {k: list(v) for k, v in self._shapes.items()}, "work_dtypes": dict(self._work),
                 "memory_state": {k: dict(v) for k, v in self._mem.items()},
-                "compressor_state": {k: dict(v) for k, v in self._cst.items()}}
+                "compressor_state": {k: dict(v) for k, v in self._cst.items()},
+                "loss_scale": dict(self._scale)}
 
-    def load_state_dict(self, sd: dict):
+    def replicated_state_dict(self) -> dict:
+        """Only the replicated state (gradcomp/state.py): step, seed, configuration, tensor shapes and
+        the per-tensor keys the memory and compressor declare replicated (GMC's global momentum,
+        PowerSGD's Q). Identical on every rank; what a broadcast from one rank may carry."""
+        sd = self.state_dict()
+        sd["memory_state"] = {k: split(self.memory, v)[0] for k, v in self._mem.items()}
+        sd["compressor_state"] = {k: split(self.compressor, v)[0] for k, v in self._cst.items()}
+        sd.pop("stats"), sd.pop("rank")
+        sd["replicated_only"] = True
+        return sd
+
+    def load_replicated_state_dict(self, sd: dict):
+        """Adopt another rank's replicated_state_dict(); this rank's per-rank state (residuals, local
+        momentum) restarts at zero: per-rank state is never taken from a peer. Validates first
+        (ValueError, nothing changed)."""
+        self._check_config(sd)
+        pending = {}
+        for name in sd.get("shapes", {}):
+            pending[name] = (dict(sd.get("memory_state", {}).get(name, {})),
+                             dict(sd.get("compressor_state", {}).get(name, {})))
+        self._step = int(sd["step"])
+        self._shapes = {k: tuple(v) for k, v in sd.get("shapes", {}).items()}
+        self._work = dict(sd.get("work_dtypes", {}))
+        self._scale = {k: float(v) for k, v in sd.get("loss_scale", {}).items()}
+        self._mem, self._cst, self._adopt_rep = {}, {}, pending
+
+    def _check_config(self, sd):
+        if not isinstance(sd, dict) or "step" not in sd:
+            raise ValueError("not a GradientSync state_dict (no 'step'); pass what state_dict() returned")
         for key in ("compressor", "memory"):
             mine = getattr(self, key).spec()
             if sd.get(key) != mine:
@@ -313,16 +392,25 @@ class GradientSync:
                                  "restore with the same configuration")
         if int(sd.get("seed", self.seed)) != self.seed:
             raise ValueError(f"checkpoint seed {sd.get('seed')} differs from this run's seed {self.seed}")
+
+    def load_state_dict(self, sd: dict):
+        self._check_config(sd)
+        if sd.get("replicated_only"):
+            raise ValueError("this is a replicated_state_dict() (no per-rank residuals): restore it with "
+                             "load_replicated_state_dict()")
         self._step = int(sd["step"])
         self._stats = {k: v if isinstance(v, float) else int(v) for k, v in sd.get("stats", {}).items()} or self._stats
         self._shapes = {k: tuple(v) for k, v in sd.get("shapes", {}).items()}
         self._work = dict(sd.get("work_dtypes", {}))
         self._mem = {k: dict(v) for k, v in sd.get("memory_state", {}).items()}
         self._cst = {k: dict(v) for k, v in sd.get("compressor_state", {}).items()}
+        self._scale = {k: float(v) for k, v in sd.get("loss_scale", {}).items()}
+        self._adopt_rep = {}
 
     def reset(self):
         """Forget all residuals and per-tensor state (e.g. after the model or world changed)."""
         self._mem, self._cst, self._shapes, self._work, self._buckets = {}, {}, {}, {}, []
+        self._scale, self._adopt_rep = {}, {}
         self._checked = False
 
 
@@ -337,6 +425,17 @@ def _weighted(g, weight, donate):
     if b.dtype(g) in ("float16", "bfloat16"):
         return b.scale_(b.cast(g, "float32"), w)
     return b.scale_(g, w) if donate else g * w
+
+
+def _rescale(component, state: dict, factor: float) -> dict:
+    """`state` with the keys `component` declares in gradient units multiplied by `factor`."""
+    keys = [k for k in getattr(component, "gradient_state", ()) if state.get(k) is not None]
+    if not keys:
+        return state
+    out = dict(state)
+    for k in keys:
+        out[k] = state[k] * factor
+    return out
 
 
 def _adopt(state: dict, like, b) -> dict:

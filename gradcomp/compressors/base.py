@@ -29,6 +29,7 @@ class Ctx:
     rank: int
     size: int
     memo: dict = field(default_factory=dict)   # scratch shared by memory and compressor this step
+    loss_scale: float = 1.0                    # the gradients arrive multiplied by this (GradScaler)
 
     def key(self, purpose: str = "", step: int | None = None, name: str | None = None):
         """RNG key from (seed, step, name, purpose): identical on every rank."""
@@ -48,6 +49,10 @@ class Compressor(Configurable):
     lossless = False          # exact (no error to feed back)
     default_memory = "residual"
     paper = ""
+    # State classes (gradcomp/state.py): init_state/new_state keys identical on every rank (broadcast
+    # like the model; the rest is per rank) and keys in gradient units (rescaled with the loss scale).
+    replicated_state: tuple = ()
+    gradient_state: tuple = ()
 
     def init_state(self, x, ctx: Ctx) -> dict:
         """Persistent per-tensor state (plain arrays), created on first sight of the tensor."""

@@ -33,6 +33,7 @@ class PowerSGDCompressor(Compressor):
     name = "powersgd"
     summable = True
     rounds = 2
+    replicated_state = ("q",)        # the warm-start Q is the average over ranks: identical everywhere
     paper = "Vogels, Karimireddy, Jaggi. PowerSGD: Practical Low-Rank Gradient Compression. NeurIPS 2019"
     params = {
         "rank": Param(int, 1, "rank r of the approximation", lo=1),

@@ -23,6 +23,7 @@ from gradcomp.params import Param
 class SignumCompressor(MomentumOwner, SignVoteCompressor):
     momentum_param = "beta"
     name = "signum"
+    gradient_state = ("momentum",)               # this rank's momentum: per rank
     paper = "Bernstein et al. signSGD: Compressed Optimisation for Non-Convex Problems. ICML 2018"
     params = dict(SignVoteCompressor.params,
                   beta=Param(float, 0.9, "momentum factor", lo=0.0, hi=1.0, hi_open=True))

@@ -14,6 +14,11 @@ class Memory(Configurable):
     kind = "memory"
     needs_local_decode = True     # does update() use this rank's own decoded payload?
     reads_inputs = True           # does update() read g or x (so a payload aliasing them must stay intact)?
+    # State classes (gradcomp/state.py): the per-tensor state keys identical on every rank (broadcast
+    # like the model); every other key is per rank (never broadcast). `gradient_state`: the keys
+    # measured in gradient units, rescaled when the loss scale changes (GradScaler).
+    replicated_state: tuple = ()
+    gradient_state: tuple = ()
 
     def init_state(self, x, ctx) -> dict:
         return {}

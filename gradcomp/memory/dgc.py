@@ -35,6 +35,7 @@ from gradcomp.params import Param
 class DGCMemory(MomentumOwner, Memory):
     name = "dgc"
     nesterov_param = "nesterov"
+    gradient_state = ("momentum", "residual")     # both per rank (local momentum)
     params = {
         "momentum": Param(float, 0.9, "momentum factor m (an SGD optimizer's momentum replaces it)",
                           lo=0.0, hi=1.0, hi_open=True),
@@ -48,7 +49,7 @@ class DGCMemory(MomentumOwner, Memory):
 
     def clip_grad(self, g, ctx):
         b = ctx.backend
-        thr = self.clip / math.sqrt(ctx.size)
+        thr = self.clip * ctx.loss_scale / math.sqrt(ctx.size)     # c is in unscaled gradient units
         norm = b.norm(g)
         factor = b.minimum(thr / b.maximum(norm, 1e-30), 1.0)
         return g * b.cast(factor, b.dtype(g))

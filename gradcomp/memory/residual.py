@@ -12,6 +12,7 @@ from gradcomp.params import Param
 
 class ResidualMemory(Memory):
     name = "residual"
+    gradient_state = ("residual",)           # per rank
     params = {
         "beta": Param(float, 1.0, "weight of the carried residual", lo=0.0, hi=1.0),
         "gamma": Param(float, 1.0, "weight of the new gradient", lo=0.0, lo_open=True),

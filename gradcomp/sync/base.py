@@ -65,4 +65,14 @@ class SyncPolicy(Configurable):
         return {}
 
     def load_state_dict(self, sd: dict):
-        pass
+        if sd:
+            raise ValueError(f"the checkpoint holds sync policy state ({', '.join(sorted(map(str, sd))[:4])}) but this "
+                             f"run's policy {self.spec()!r} keeps none: it was saved under another GRADCOMP_SYNC; "
+                             "restore with the same sync policy")
+
+    # State classes (gradcomp/state.py): a policy's state is replicated unless it overrides these.
+    def replicated_state_dict(self) -> dict:
+        return self.state_dict()
+
+    def load_replicated_state_dict(self, sd: dict):
+        self.load_state_dict(sd)

@@ -288,16 +288,36 @@ class PeriodicPolicy(SyncPolicy):
                 "delta_sync": self._delta.state_dict() if self._delta is not None else None,
                 **self.extra_state()}
 
-    def load_state_dict(self, sd: dict):
+    def replicated_state_dict(self) -> dict:
+        """state_dict() without the per-rank part: counters, anchor and slow momentum are identical on
+        every rank; of the delta compressor's GradientSync only its replicated state is kept."""
+        sd = self.state_dict()
+        if self._delta is not None:
+            sd["delta_sync"] = self._delta.replicated_state_dict()
+        return sd
+
+    def load_replicated_state_dict(self, sd: dict):
+        """Adopt a peer's replicated_state_dict(); the delta residuals (per rank) restart at zero."""
+        self.load_state_dict(sd, _replicated=True)
+
+    def load_state_dict(self, sd: dict, _replicated: bool = False):
+        if not isinstance(sd, dict) or "steps" not in sd:
+            raise ValueError(f"not a {self.name} sync policy state_dict (got keys {sorted(sd)[:6] if isinstance(sd, dict) else type(sd).__name__}); "
+                             f"it was saved by another sync policy: restore with the same GRADCOMP_SYNC ({self.spec()!r})")
         if sd.get("policy") != self.spec():
             raise ValueError(f"checkpoint was saved with sync policy {sd.get('policy')!r} but this run uses "
                              f"{self.spec()!r}; restore with the same GRADCOMP_SYNC")
         if (sd.get("delta_sync") is None) != (self._delta is None):
             raise ValueError("checkpoint and this run differ in whether parameter deltas are compressed; bind the "
                              "policy with the same compressor (and compress=) as the saved run")
+        if self._delta is not None:
+            self._delta._check_config(sd["delta_sync"])
         self._pending = None
         self._steps, self._syncs = int(sd["steps"]), int(sd["syncs"])
         self._anchor = dict(sd["anchor"]) if sd.get("anchor") is not None else None
         if self._delta is not None:
-            self._delta.load_state_dict(sd["delta_sync"])
+            if _replicated:
+                self._delta.load_replicated_state_dict(sd["delta_sync"])
+            else:
+                self._delta.load_state_dict(sd["delta_sync"])
         self.load_extra_state(sd)
