@@ -10,8 +10,10 @@ Each rank trains on its own shard of the data; gradients are averaged through
 gradcomp_torch.DistributedOptimizer (compressor / memory / sync policy from the arguments or the
 GRADCOMP_* variables). Rank 0 shows a progress bar and prints per epoch the training loss, the test
 accuracy (digits) or perplexity (lm), the bytes this rank sent and the compression ratio.
---checkpoint PATH saves after every epoch (every rank's residuals, in one file written by rank 0);
---resume continues from it exactly as if the run had not stopped.
+--checkpoint PATH saves after every epoch: opt.gathered_state_dict() collects every rank's residuals
+(and, under a periodic --sync policy, every rank's own parameters and momentum) into one file that
+rank 0 writes with gradcomp_torch.save_checkpoint (sha256-checked, loaded with weights_only=True);
+--resume continues from it exactly as if the run had not stopped, under every sync policy.
 """
 from __future__ import annotations
 
@@ -188,9 +190,9 @@ def train(a, comm):
              else torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
     start = 0
     if a.resume and os.path.exists(a.checkpoint):
-        ck = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        ck = gct.load_checkpoint(a.checkpoint)      # checksum verified; tensors and plain data only
+        model.load_state_dict(ck["model"])          # rank 0's parameters first ...
+        opt.load_state_dict(ck["optimizer"])        # ... then this rank's own part (params under local SGD)
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["epoch"])
     rank0 = comm.rank == 0
@@ -230,12 +232,10 @@ def train(a, comm):
             print(f"epoch {epoch + 1}/{a.epochs}  loss {s / n:.4f}  {shown}  sent {sent / 1e6:.3f} MB  "
                   f"ratio {ratio:.1f}x  {result['time_s']:.1f}s", flush=True)
         if a.checkpoint:
-            sd = opt.gathered_state_dict()           # collective: every rank's residuals
-            if rank0:
-                tmp = a.checkpoint + ".tmp"
-                torch.save({"model": model.state_dict(), "optimizer": sd, "scheduler": sched.state_dict(),
-                            "epoch": epoch + 1}, tmp)
-                os.replace(tmp, a.checkpoint)
+            sd = opt.gathered_state_dict()           # collective: every rank's own state
+            if rank0:                                # atomic write, sha256 in the file
+                gct.save_checkpoint({"model": model.state_dict(), "optimizer": sd, "scheduler": sched.state_dict(),
+                                     "epoch": epoch + 1}, a.checkpoint)
             comm.barrier()
     result.update(checksum=checksum(model), compressor=opt.compressor.spec(), size=comm.size, total=opt.stats())
     if rank0 and a.json:

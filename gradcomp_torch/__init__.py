@@ -11,6 +11,7 @@
     ddp_model.register_comm_hook(None, gct.ddp_hook("topk:ratio=0.01"))  # inside DDP
 """
 from gradcomp.pipeline import NonFiniteGradientError
+from gradcomp_torch.checkpoint import load_checkpoint, save_checkpoint
 from gradcomp_torch.compression import Compression
 from gradcomp_torch.ddp_hook import ddp_hook
 from gradcomp_torch.optimizer import DistributedOptimizer
@@ -21,4 +22,4 @@ from gradcomp_torch.virtual import VirtualWorkers
 
 __all__ = ["init", "shutdown", "communicator", "rank", "size", "local_rank", "broadcast_parameters",
            "broadcast_optimizer_state", "broadcast_object", "DistributedOptimizer", "Compression", "ddp_hook",
-           "TorchParamAccess", "NonFiniteGradientError", "VirtualWorkers"]
+           "TorchParamAccess", "NonFiniteGradientError", "VirtualWorkers", "save_checkpoint", "load_checkpoint"]

@@ -16,7 +16,6 @@ Every function also takes `comm=` (any gradcomp Communicator, e.g. a LocalWorld 
 """
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
@@ -150,35 +149,61 @@ def broadcast_parameters(params, root_rank: int = 0, comm=None):
 
 
 def broadcast_object(obj, root_rank: int = 0, comm=None, name: str = "object"):
-    """Pickle `obj` on root_rank (torch.save) and return it on every rank."""
+    """Return root_rank's `obj` on every rank.
+
+    `obj` may hold tensors, numbers, strings, None and lists/tuples/dicts of them (a state_dict). It
+    travels in torch.save format and is decoded with torch.load(weights_only=True), so a peer's bytes
+    never run code here. Anything else (a class instance, a function) raises ValueError on every rank.
+    """
+    from gradcomp_torch.checkpoint import dumps, safe_loads
     comm = communicator(comm)
-    if comm.size == 1:
-        return obj
+    if not 0 <= root_rank < comm.size:
+        raise ValueError(f"root_rank={root_rank} is out of range for {comm.size} rank(s)")
+    what = f"broadcast_object({name!r})"
+    err, raw = None, np.zeros(0, dtype=np.uint8)
     if comm.rank == root_rank:
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        raw = np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
-    else:
-        raw = np.zeros(0, dtype=np.uint8)
-    n = comm.broadcast(np.array([raw.size], dtype=np.int64), root=root_rank, name=f"{name}.len").wait()
+        try:
+            data = dumps(obj)
+            safe_loads(data, what)                  # refuse here, and tell the peers, what they would refuse
+            raw = np.frombuffer(data, dtype=np.uint8).copy()
+        except Exception as e:                      # noqa: BLE001 - every rank must learn of it
+            err = e
+    if comm.size == 1:
+        if err is not None:
+            raise err
+        return obj
+    n = comm.broadcast(np.array([-1 if err is not None else raw.size], dtype=np.int64), root=root_rank,
+                       name=f"{name}.len").wait()
     n = int(np.asarray(n).reshape(-1)[0])
+    if n < 0:
+        if err is not None:
+            raise err
+        raise ValueError(f"{what}: rank {root_rank} could not send its object (its error says why); only "
+                         "tensors, numbers, strings and containers of them can be broadcast")
     if comm.rank != root_rank:
         raw = np.zeros(n, dtype=np.uint8)
     data = np.asarray(comm.broadcast(raw, root=root_rank, name=f"{name}.data").wait(), dtype=np.uint8)
     if comm.rank == root_rank:
         return obj
-    return torch.load(io.BytesIO(data.tobytes()), map_location="cpu", weights_only=False)
+    return safe_loads(data.tobytes(), f"{what} from rank {root_rank}")
 
 
 def broadcast_optimizer_state(optimizer, root_rank: int = 0, comm=None):
     """Make every rank's optimizer state (momenta, step counts, hyper-parameters) equal root_rank's.
 
-    Works for any torch.optim optimizer and for gradcomp_torch.DistributedOptimizer (only the
-    wrapped optimizer's state travels: error-feedback residuals stay per rank).
+    Works for any torch.optim optimizer. For gradcomp_torch.DistributedOptimizer it also carries
+    gradcomp's replicated state (step counter, PowerSGD's Q, GMC's global momentum, the sync
+    policy's counters and anchor), so every rank continues at the same step; per-rank state
+    (residuals) is never broadcast: right after root_rank loaded a gathered checkpoint each rank
+    gets its own part of it, otherwise the other ranks' residuals restart at zero
+    (gradcomp_torch/checkpoint.py explains the choice).
     """
     inner = getattr(optimizer, "inner", optimizer)
     comm = communicator(comm if comm is not None else getattr(optimizer, "comm", None))
     if comm.size == 1:
+        return
+    if hasattr(optimizer, "_broadcast_state"):
+        optimizer._broadcast_state(root_rank, comm, broadcast_object)
         return
     sd = broadcast_object(inner.state_dict(), root_rank, comm, name="broadcast_optimizer_state")
     if comm.rank != root_rank:

@@ -154,7 +154,7 @@ def roundtrip(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
     buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    return torch.load(buf, weights_only=True)
 
 
 @pytest.mark.parametrize("compressor", ["topk:ratio=0.2", "randomk:ratio=0.3"])

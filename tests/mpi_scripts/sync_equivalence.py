@@ -65,7 +65,7 @@ def train(comm, driver, spec, steps, momentum, resume_at=None):
             opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=momentum)
             d = DRIVERS[driver](m, opt, spec, comm)
             buf.seek(0)
-            d.load_state_dict(torch.load(buf, weights_only=False))
+            d.load_state_dict(torch.load(buf, weights_only=True))
         i = (step * 8) % 64
         d.step(lambda: torch.nn.functional.mse_loss(m(x[i:i + 8]), y[i:i + 8]))
         hist.append(flat(m))

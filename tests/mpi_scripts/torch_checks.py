@@ -65,7 +65,7 @@ def _train(comm, steps, spec, load=None):
     opt = gct.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
                                    named_parameters=m.named_parameters(), compressor=spec, comm=comm)
     if load is not None:
-        ck = torch.load(load, map_location="cpu", weights_only=False)
+        ck = torch.load(load, map_location="cpu", weights_only=True)
         m.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
     for s in steps:

@@ -84,7 +84,7 @@ def ddp_train(spec):
 
     full, losses, stats, _ = run(range(12))
     _, _, _, ck = run(range(6))
-    resumed, _, _, _ = run(range(6, 12), torch.load(ck, weights_only=False))
+    resumed, _, _, _ = run(range(6, 12), torch.load(ck, weights_only=True))
     same = identical_across_ranks(flat(full))
     exact = torch.equal(flat(full), flat(resumed))
     fell = sum(losses[-3:]) < sum(losses[:3])
