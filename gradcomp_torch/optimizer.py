@@ -221,19 +221,23 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
             self._launch(self._next)
 
     def _launch(self, b):
-        named = {}
+        named, absent = {}, []
         for i in self._buckets[b]:
             name, p = self._named[i]
             g = p.grad
-            if g is None:
+            if g is None:           # zeros keep the collectives equal; skipped if no rank has a gradient
                 g = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                absent.append(name)
             elif g.is_sparse:
                 raise TypeError(f"parameter {name!r} has a sparse gradient; gradcomp averages dense gradients "
                                 "(use nn.Embedding(sparse=False))")
             named[name] = g.detach()
         self._next = b + 1
         self._launched = True
-        self._gs.start(named, donate=True, weight=self._weight)  # p.grad receives the average: no copies
+        if b == 0:
+            self._step_scale = self._loss_scale()               # once per step (buckets go out in order)
+        self._gs.start(named, donate=True, weight=self._weight,  # p.grad receives the average: no copies
+                       absent=absent, loss_scale=self._step_scale)
 
     # ------------------------------------------------------------------ synchronize / step
     @torch.no_grad()
@@ -258,6 +262,8 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 else:
                     for name, p in self._named:
                         avg = out[name]
+                        if avg is None:                 # no rank had a gradient: skipped, as in torch
+                            continue
                         if p.grad is None:
                             p.grad = avg.detach().reshape(p.shape).clone()
                         elif not (avg.data_ptr() == p.grad.data_ptr() and p.grad.is_contiguous()):
@@ -266,6 +272,26 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
 
     def _start_local_flag(self):
         return start_nonfinite(self.comm, [p.grad for _, p in self._named], name="nonfinite.local")
+
+    def attach_grad_scaler(self, scaler):
+        """Tell the optimizer the torch.amp.GradScaler that scales the loss (None to detach).
+
+        Error-feedback residuals and DGC/GMC/signum state are then kept meaningful across scale
+        changes: the gradients arrive multiplied by scaler.get_scale(), and the state declared in
+        gradient units is rescaled by new_scale / old_scale whenever the scale changes (exact for
+        GradScaler's powers of two), so a run with loss scaling follows the unscaled run. Without
+        it the state is kept in loss-scaled units and each scale change mis-weights it. Reads the
+        scale once per step (on CUDA that is one device-to-host copy)."""
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(f"attach_grad_scaler expects a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self._grad_scaler = scaler
+        return self
+
+    def _loss_scale(self):
+        scaler = self.__dict__.get("_grad_scaler")
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return float(scaler.get_scale())
 
     def _agree_finite(self):
         h, self._local_flag = self._local_flag or self._start_local_flag(), None
