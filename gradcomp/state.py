@@ -44,3 +44,22 @@ def split(component, state: dict) -> tuple[dict, dict]:
     """(replicated, per_rank) parts of one tensor's state dict, by `component`'s declaration."""
     rep = {k: v for k, v in state.items() if state_class(component, k) == REPLICATED}
     return rep, {k: v for k, v in state.items() if k not in rep}
+
+
+def snapshot(*objs) -> list:
+    """Shallow copies of the attributes of `objs` (and of a policy's delta GradientSync): the
+    load_state_dict methods of GradientSync and the sync policies only rebind attributes, so
+    restore(snapshot(...)) undoes a load that failed half-way exactly."""
+    snap = []
+    for obj in objs:
+        snap.append((obj, dict(vars(obj))))
+        delta = getattr(obj, "_delta", None)
+        if delta is not None:
+            snap.append((delta, dict(vars(delta))))
+    return snap
+
+
+def restore(snap: list):
+    for obj, attrs in snap:
+        vars(obj).clear()
+        vars(obj).update(attrs)

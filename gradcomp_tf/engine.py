@@ -33,6 +33,7 @@ from gradcomp import registry
 from gradcomp.config import resolve_memory
 from gradcomp.finite import agree_nonfinite
 from gradcomp.pipeline import GradientSync, NonFiniteGradientError
+from gradcomp.state import restore, snapshot
 from gradcomp.sync.base import SyncPolicy
 from gradcomp_tf import runtime
 
@@ -240,9 +241,17 @@ class Exchange:
         return {"sync": sd, "policy": self.policy.state_dict(), "step": self.step}
 
     def load_state_dict(self, sd: dict):
-        self.sync.load_state_dict(sd["sync"])
-        self.policy.load_state_dict(sd.get("policy", {}))
-        self.step = int(sd.get("step", 0))
+        """Restore; all or nothing: on any error (another configuration or sync policy) the state
+        is left exactly as it was."""
+        snap, step = snapshot(self.sync, self.policy), self.step
+        try:
+            self.sync.load_state_dict(sd["sync"])
+            self.policy.load_state_dict(sd.get("policy", {}))
+            self.step = int(sd.get("step", 0))
+        except BaseException:
+            restore(snap)
+            self.step = step
+            raise
         if self._graph is not None:
             self._graph.push_state()
 

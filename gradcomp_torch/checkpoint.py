@@ -58,6 +58,8 @@ import warnings
 import numpy as np
 import torch
 
+from gradcomp.state import restore, snapshot
+
 _MAGIC = b"GRADCOMP-CHECKPOINT-1 sha256="
 _FORMAT = 2
 
@@ -144,22 +146,6 @@ def load_checkpoint(path: str, map_location="cpu"):
 
 
 # ---------------------------------------------------------------------------------- the mixin
-def _snapshot(obj):
-    """Shallow copy of obj's attributes (and of a nested delta GradientSync's): load_state_dict only
-    rebinds attributes, so restoring them undoes it exactly."""
-    snap = [(obj, dict(vars(obj)))]
-    delta = getattr(obj, "_delta", None)
-    if delta is not None:
-        snap.append((delta, dict(vars(delta))))
-    return snap
-
-
-def _restore(snaps):
-    for obj, attrs in snaps:
-        vars(obj).clear()
-        vars(obj).update(attrs)
-
-
 class CheckpointMixin:
     """state_dict / gathered_state_dict / load_state_dict / replicated state for DistributedOptimizer."""
 
@@ -318,7 +304,7 @@ class CheckpointMixin:
             inner = self.inner.state_dict()                  # aliases the live tensors: load only rebinds
             inner = {"state": dict(inner["state"]), "param_groups": [dict(g) for g in inner["param_groups"]]}
             params = [p.detach().clone() for _, p in self._named] if self._holds_local_copies() else None
-            snaps = _snapshot(self._gs) + _snapshot(self._policy)
+            snaps = snapshot(self._gs, self._policy)
             step = self._step
             try:
                 fn()
@@ -328,7 +314,7 @@ class CheckpointMixin:
                     with torch.no_grad():
                         for (_, p), v in zip(self._named, params):
                             p.copy_(v)
-                _restore(snaps)
+                restore(snaps)
                 self._step = step
                 raise
             finally:

@@ -342,6 +342,47 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     assert not all(np.array_equal(a, b) for a, b in zip(full[0][0], fresh[0][0]))
 
 
+def test_failed_restore_changes_nothing_and_flipped_bytes_are_refused(tmp_path):
+    """A localsgd exchange's state loaded into an allreduce run is refused, with the state unchanged
+    (issue 15 item 9); a flipped byte in a rank's checkpoint file is caught by TF's own crc32c."""
+    def run(comm, sync):
+        m = tiny_model()
+        opt = gct.DistributedOptimizer(keras.optimizers.SGD(LR), compressor="topk:ratio=0.2", backend=comm,
+                                       seed=3, sync=sync)
+        m.compile(optimizer=opt, loss=LOSS)
+        for s in range(3):
+            m.train_on_batch(*batch(comm.rank, s))
+        return m, opt
+
+    def fn(comm):
+        _, other = run(comm, "localsgd:period=2")
+        m, opt = run(comm, None)
+        ex = opt.gradcomp_exchange
+        before = ex.state_dict()
+        with pytest.raises(ValueError, match="sync policy"):
+            ex.load_state_dict(other.gradcomp_exchange.state_dict())
+        after = ex.state_dict()
+        assert after["step"] == before["step"] and after["sync"]["step"] == before["sync"]["step"]
+        for n, st in before["sync"]["memory_state"].items():
+            np.testing.assert_array_equal(st["residual"], after["sync"]["memory_state"][n]["residual"])
+        prefix = gct.rank_path(os.path.join(str(tmp_path), "ck"), comm)
+        tf.train.Checkpoint(model=m, optimizer=opt).write(prefix)
+        return prefix
+
+    for prefix in world(2, fn):
+        data = prefix + ".data-00000-of-00001"
+        raw = bytearray(open(data, "rb").read())
+        raw[len(raw) // 2] ^= 0x01
+        open(data, "wb").write(bytes(raw))
+        m = tiny_model()
+        opt = gct.DistributedOptimizer(keras.optimizers.SGD(LR), compressor="topk:ratio=0.2",
+                                       backend=gradcomp.SingleCommunicator(), seed=3)
+        m.compile(optimizer=opt, loss=LOSS)
+        opt.build(m.trainable_variables)
+        with pytest.raises(Exception, match="(?i)checksum|corrupt|data ?loss"):
+            tf.train.Checkpoint(model=m, optimizer=opt).read(prefix).assert_consumed()
+
+
 def test_checkpoint_encoding_round_trip_without_pickle():
     import ml_dtypes
     obj = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": [1, 2.5, "x", None, True],
