@@ -92,7 +92,15 @@ def create(spec, kind: str = "compressor", **overrides):
         return spec
     name, kwargs = parse_spec(spec)
     kwargs.update(overrides)
-    return lookup(kind, name)(**kwargs)
+    warmup = kwargs.pop("warmup", None) if kind == "compressor" else None
+    obj = lookup(kind, name)(**kwargs)
+    if warmup is not None:                      # dense warm-up of any lossy compressor (compressors/warmup.py)
+        from gradcomp.compressors.warmup import DenseWarmup
+        from gradcomp.params import Param
+        steps = Param(int, 0, lo=0).check(f"compressor {name!r}", "warmup", warmup)
+        if steps:
+            obj = DenseWarmup(obj, steps)
+    return obj
 
 
 def available(kind: str = "compressor") -> list[str]:

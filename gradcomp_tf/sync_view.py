@@ -59,6 +59,16 @@ class KerasParamView(ParamAccess):
         s = self._slot(name)
         return None if s is None else tf.convert_to_tensor(s)
 
+    def learning_rate(self, name):
+        try:
+            return float(self.optimizer.learning_rate)      # the schedule's value at the current iteration
+        except (TypeError, ValueError):
+            return None
+
+    def adaptive(self) -> bool:
+        import keras
+        return not isinstance(self.optimizer, keras.optimizers.SGD)
+
     def set_momentum(self, name, value):
         s = self._slot(name)
         if s is None:

@@ -64,6 +64,18 @@ class TorchParamAccess(ParamAccess):
                 return v
         return None
 
+    def learning_rate(self, name):
+        p = self.param(name)
+        for g in getattr(self._opt, "param_groups", []):
+            if any(q is p for q in g["params"]):
+                lr = g.get("lr")
+                return float(lr) if lr is not None else None
+        return None
+
+    def adaptive(self) -> bool:
+        return not isinstance(self._opt, torch.optim.SGD) and any(
+            k in getattr(self._opt, "defaults", {}) for k in ("betas", "alpha", "lr_decay", "rho"))
+
     @torch.no_grad()
     def set_momentum(self, name, value):
         buf = self.momentum(name)

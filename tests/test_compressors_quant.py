@@ -40,7 +40,8 @@ def expected_bytes(spec, x, ndim=2):
     vsize = 8 if x.dtype == np.float64 else 4
     name = comp.name
     if name == "threshold":
-        return int(np.count_nonzero(np.abs(x) >= comp.threshold)) * (vsize + 4)
+        sparse = int(np.count_nonzero(np.abs(x) >= comp.threshold)) * (vsize + 4)
+        return n * vsize if sparse > n * vsize else sparse          # never more than dense
     if name == "dgc":
         return n * vsize if ndim <= 1 else comp.k_at(0, n) * (vsize + 4)     # <= 1-D tensors go dense
     if name == "qsgd":

@@ -186,3 +186,29 @@ def test_keras_optimizer_hands_sgd_momentum_over_and_refuses_adam():
     assert opt.gradcomp_exchange.sync.memory.adopted() == {None: (0.8, False)}
     with pytest.raises(ValueError, match="defined only over plain SGD"):
         gtf.DistributedOptimizer(keras.optimizers.Adam(0.1), compressor="signum", backend=SingleCommunicator())
+
+
+def test_sync_policies_use_plain_error_feedback_for_dgc_deltas():
+    pol = gradcomp.create("localsgd:period=2", "sync").bind(SingleCommunicator(), compressor="dgc:ratio=0.1")
+    assert pol._delta.memory.name == "residual"
+
+
+def test_slowmo_reads_the_learning_rate_from_the_optimizer():
+    from gradcomp_torch.sync_view import TorchParamAccess
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.5)
+    view = TorchParamAccess([("w", w)], opt)
+    pol = gradcomp.create("slowmo:period=1,beta=0.5", "sync").bind(SingleCommunicator())
+    pol.before_step(0, view)
+    opt.param_groups[0]["lr"] = 0.25                 # a schedule changed it during the outer iteration
+    pol.after_step(0, view)
+    assert pol._gamma == {"w": 0.25}
+
+
+def test_double_averaging_warns_for_adam():
+    from gradcomp_torch.sync_view import TorchParamAccess
+    w = torch.nn.Parameter(torch.ones(3))
+    view = TorchParamAccess([("w", w)], torch.optim.Adam([w]))
+    pol = gradcomp.create("da:period=2", "sync").bind(SingleCommunicator())
+    with pytest.warns(UserWarning, match="only its first moment"):
+        pol.before_step(0, view)

@@ -81,6 +81,9 @@ class DGCCompressor(TopKCompressor):
     def decompress(self, payload, info, ctx):
         return payload[0] if info == "dense" else super().decompress(payload, info, ctx)
 
+    def union(self, result, info, ctx):
+        return None if info == "dense" else super().union(result, info, ctx)
+
     def aggregate(self, gathered, info, ctx):
         if info != "dense":
             return super().aggregate(gathered, info, ctx)

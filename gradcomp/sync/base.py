@@ -38,6 +38,14 @@ class ParamAccess:
     def set_momentum(self, name, value):
         raise NotImplementedError
 
+    def learning_rate(self, name):
+        """The optimizer's current learning rate for `name` (a float), or None if unknown."""
+        return None
+
+    def adaptive(self) -> bool:
+        """Does the optimizer keep per-coordinate second moments (Adam, RMSprop, ...)?"""
+        return False
+
 
 class SyncPolicy(Configurable):
     kind = "sync"

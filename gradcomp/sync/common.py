@@ -8,7 +8,9 @@ travel as float32). `PeriodicPolicy` holds what the policies share:
   exchange   exact:      x_avg = (1/n) sum_r x_r           one fused allreduce of the parameters
              compressed: x_avg = a + D(avg_r C(x_r - a + e_r))   with a the common anchor (the
                          parameters after the last sync) and e_r this rank's error-feedback
-                         residual (Basu et al., Qsparse-local-SGD, NeurIPS 2019). Used when bind()
+                         residual (Basu et al., Qsparse-local-SGD, NeurIPS 2019): plain residual
+                         error feedback, also for compressors whose default memory implements
+                         momentum (dgc), which must not momentum-correct parameter deltas. Used when bind()
                          is given a lossy compressor and `compress=true`; a lossless or no
                          compressor gives the exact path. The deltas go through a GradientSync:
                          summable compressors (fp16, bf16, randomk, powersgd) by allreduce, the
@@ -130,7 +132,10 @@ class PeriodicPolicy(SyncPolicy):
             comp = registry.create(compressor, "compressor")
             if not comp.lossless:
                 self.delta_compressor = comp
-                self._delta = GradientSync(comp, memory="auto", comm=self.comm, seed=self.seed)
+                # parameter deltas get plain error feedback, never a momentum-correcting memory (dgc)
+                owner = getattr(registry.lookup("memory", comp.default_memory), "owns_momentum", False)
+                mem = "residual" if owner else "auto"
+                self._delta = GradientSync(comp, memory=mem, comm=self.comm, seed=self.seed)
         return self
 
     def sync_gradients(self, step: int) -> bool:
@@ -275,6 +280,12 @@ class PeriodicPolicy(SyncPolicy):
                 raise TypeError(f"{self.name}: parameter {n!r} has dtype {b.dtype(x)}; only floating-point "
                                 "parameters can be averaged")
             shapes[n] = list(b.shape(x))
+        if self.average_momentum and getattr(view, "adaptive", bool)() and self.comm.rank == 0:
+            import warnings
+            warnings.warn(f"{self.name}: the wrapped optimizer is adaptive (Adam-like); Double-Averaging averages "
+                          "only its first moment (exp_avg), the second moments stay local to each rank. Use SGD "
+                          "with momentum for the paper's algorithm, or sync=localsgd to average parameters only.",
+                          stacklevel=3)
         delta = self.delta_compressor.spec() if self._delta is not None else None
         check_consistent(self.comm, {"sync": self.spec(), "delta_compressor": delta, "tensors": shapes,
                                      "order": list(shapes)},   # the exchange fuses tensors by position

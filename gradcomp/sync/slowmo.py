@@ -18,10 +18,13 @@ defaults: 0 up to 16 workers, 0.2 for 32, 0.5 for 64, 0.6 beyond), hence the def
 Slow momentum on top of a kept base momentum compounds the two: on the digits MLP (2 ranks,
 SGD momentum 0.9, period 4) beta=0.5 reached 86% with buffers=keep but 97% with buffers=reset.
 
-gamma_t, the base learning rate, is the parameter `lr`. While it is constant its value cancels
-(write v = gamma u: v <- beta v + (x_{t,0} - x_{t,H}), x <- x_{t,0} - alpha v), so the default
-lr=1 is exact for a constant rate; with a schedule call `policy.set_lr(current_lr)` before the
-sync step (the slow momentum then carries gradient units across rate changes, as in the paper).
+gamma_t, the base learning rate, is read from the wrapped optimizer at every sync step (per
+tensor: a torch parameter group's current lr, Keras' learning_rate at the current iteration),
+through ParamAccess.learning_rate, so an lr schedule needs nothing extra: the slow momentum carries
+gradient units across rate changes, as in the paper. Where the view cannot tell (a custom
+ParamAccess), the parameter `lr` is used, or the last `policy.set_lr(current_lr)`; while the rate
+is constant its value cancels (write v = gamma u: v <- beta v + (x_{t,0} - x_{t,H}),
+x <- x_{t,0} - alpha v).
 
     GRADCOMP_SYNC="slowmo:period=12,alpha=1.0,beta=0.6"
 """
@@ -38,7 +41,7 @@ class SlowMoPolicy(PeriodicPolicy):
         **PeriodicPolicy.params,
         "alpha": Param(float, 1.0, "slow learning rate", lo=0.0, lo_open=True),
         "beta": Param(float, 0.2, "slow momentum factor", lo=0.0, hi=1.0, hi_open=True),
-        "lr": Param(float, 1.0, "base optimizer learning rate gamma (cancels while constant; see set_lr)",
+        "lr": Param(float, 1.0, "base learning rate gamma when the optimizer's cannot be read (see set_lr)",
                     lo=0.0, lo_open=True),
         "buffers": Param(str, "keep", "base optimizer buffers at each outer step",
                          choices=("keep", "average", "reset")),
@@ -59,9 +62,17 @@ class SlowMoPolicy(PeriodicPolicy):
             raise ValueError(f"slowmo: set_lr({lr!r}) needs a positive learning rate")
         self._lr = lr
 
+    def after_step(self, step, view):
+        if self.is_sync_step(step):
+            read = getattr(view, "learning_rate", None)       # a view that is not a ParamAccess may lack it
+            self._gamma = {n: read(n) for n in view.names()} if read is not None else {}
+        super().after_step(step, view)
+
     def outer_update(self, names, avg):
-        gamma, out, u_new = self._lr, {}, {}
+        out, u_new = {}, {}
+        rates = getattr(self, "_gamma", None) or {}
         for n in names:
+            gamma = rates.get(n) or self._lr
             x0 = as_like(self._anchor[n], avg[n])
             step = (x0 - avg[n]) * (1.0 / gamma)
             if self._u is not None and self.beta != 0.0:
