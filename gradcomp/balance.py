@@ -186,6 +186,11 @@ class LoadBalancer:
         self.seen = 0                 # steps observed since the last resize
         self.changes = 0
 
+    def due(self) -> bool:
+        """True if the next observe() re-evaluates the split (it then needs the newest timings)."""
+        n = self.seen + 1 - self.warmup
+        return self.enabled and n > 0 and n % self.every == 0
+
     def observe(self, compute_seconds, shares=None) -> bool:
         """One step's compute seconds of every rank (identical on all ranks); True if shares changed."""
         shares = tuple(self.shares if shares is None else shares)

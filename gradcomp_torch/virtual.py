@@ -24,9 +24,11 @@ optimizer's communicator changed, `resize()` re-splits the same V virtual worker
 Iterating a Step: before the first micro-batch it sets the optimizer's backward passes and weight
 (DistributedOptimizer.set_step_share); after the last one it calls optimizer.synchronize() and
 times both phases (compute: the micro-batches; wait: until the average was ready). The timings of
-all ranks are exchanged with one small allreduce that overlaps the optimizer step; they feed the
-report (`report`, `stats()`) and, with balance=True, the LoadBalancer, which re-splits the virtual
-workers every `every` steps after the ranks' smoothed speed. `mb.loss_scale` = m_k / n_r makes the
+all ranks are exchanged with one small allreduce, waited for at the end of the next step (when the
+gradient collectives issued after it have completed) or, on a step where the balancer re-evaluates,
+before the split is made; they feed the report (`report`, `stats()`) and, with balance=True, the
+LoadBalancer, which re-splits the virtual workers every `every` steps after the ranks' smoothed speed.
+Every rank collects at the same points, so all make the same decision. `mb.loss_scale` = m_k / n_r makes the
 accumulated gradient this rank's mean; with a sum-reduced loss use `mb.loss_scale / len(mb)`.
 A rank given no sample in a step (only when a short last step has fewer samples than V) still
 takes part in the averaging with its error-feedback residual.
@@ -140,7 +142,8 @@ class VirtualWorkers:
         order = self.sampler.epoch_order(epoch)
         comm = self.optimizer.comm
         for i in range(start_step, self.sampler.steps_per_epoch):
-            self._collect()
+            if self.balancer.due():
+                self._collect()            # the split of this step depends on the last step's timings
             shares = self.balancer.shares
             mine, n, total = self.sampler.rank_batches(epoch, i, shares, comm.rank, order)
             first = gb.offsets(shares)[comm.rank]
@@ -150,6 +153,7 @@ class VirtualWorkers:
 
     def _finish_step(self, step, compute, wait):
         if self.timing:
+            self._collect()                # the previous step's exchange: complete, it preceded this step's
             h = gb.exchange_start(self.optimizer.comm,
                                        [compute, wait, step.shares[self.optimizer.comm.rank], step.samples])
             self._pending = (h, self.global_step, step.shares)

@@ -86,3 +86,25 @@ def test_virtual_workers_under_mpirun():
     """1 vs 2 ranks, same V: bit-exact (V=2) / float64 rounding (V=4, and with the balancer active under an
     injected delay on rank 1); the balancer's shares agree on both ranks every step; the report too."""
     _checks(*_mpirun("virtual_checks.py", "--backend", "mpi"), CHECKS)
+
+
+def test_virtual_workers_state_dict_and_resize():
+    m = _model()
+    opt = gct.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
+                                   comm=gradcomp.SingleCommunicator())
+    vw = gct.VirtualWorkers(opt, 64, global_batch=16, virtual_workers=4)
+    x, y = _data(64)
+    for step in vw.epoch(0):
+        for mb in step:
+            (torch.nn.functional.cross_entropy(m(x[mb.indices]), y[mb.indices]) * mb.loss_scale).backward()
+        opt.step()
+        opt.zero_grad()
+    sd = vw.state_dict()
+    again = gct.VirtualWorkers(opt, 64, global_batch=16, virtual_workers=4)
+    again.load_state_dict(sd)
+    assert again.global_step == 4 and again.shares == (4,)
+    with pytest.raises(ValueError, match="virtual_workers=4 but this job declares 8"):
+        gct.VirtualWorkers(opt, 64, global_batch=16, virtual_workers=8).load_state_dict(sd)
+    again.resize()
+    assert again.shares == (4,) and again.virtual_workers == 4 and again.global_batch == 16
+    assert [len(s) for s in again.epoch(1, start_step=2)] == [4, 4]
