@@ -38,6 +38,8 @@ Horovod's resume idiom also works:
     gct.broadcast_parameters(model.state_dict(), root_rank=0)
     gct.broadcast_optimizer_state(opt, root_rank=0)
 
+(broadcast_parameters first, as Horovod's examples do: under a periodic policy the optimizer broadcast
+then writes each rank's own parameters from the gathered checkpoint over rank 0's.)
 broadcast_optimizer_state sends the wrapped optimizer's state and gradcomp's *replicated* state
 (step counter, seed-derived state, GMC's global momentum, PowerSGD's Q, the policy's counters,
 anchor and slow momentum), so every rank continues at the same step. Per-rank state is never
@@ -147,7 +149,17 @@ def load_checkpoint(path: str, map_location="cpu"):
 
 # ---------------------------------------------------------------------------------- the mixin
 class CheckpointMixin:
-    """state_dict / gathered_state_dict / load_state_dict / replicated state for DistributedOptimizer."""
+    """state_dict / gathered_state_dict / load_state_dict / replicated state for DistributedOptimizer.
+
+    API for code that moves state between ranks (elastic training, Horovod's idiom):
+      state_dict()                   this rank's everything (["gradcomp"]["ranks"][rank]), checksummed
+      gathered_state_dict()          collective: every rank's part in one dict
+      load_state_dict(sd)            this rank's part; all checks first, all or nothing
+      replicated_state_dict()        only state identical on every rank (gradcomp/state.py): safe to
+                                     broadcast from any rank; never holds residuals
+      load_replicated_state_dict(r)  adopt it: same step and shared state, per-rank state restarts at
+                                     zero (the wrapped optimizer's state is not touched)
+    """
 
     # -------------------------------------------------------------- saving
     def _holds_local_copies(self) -> bool:

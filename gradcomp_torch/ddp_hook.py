@@ -36,6 +36,14 @@ class DDPHookState:
         self.sync = None
         self.pending = []
         self._restore = None
+        self.scaler, self._scale = None, None
+
+    def attach_grad_scaler(self, scaler):
+        """The torch.amp.GradScaler scaling the loss: error-feedback state is then rescaled when the
+        scale changes, so it keeps its meaning (see gradcomp/pipeline.py, loss scaling)."""
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(f"attach_grad_scaler expects a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.scaler = scaler
 
     def _ensure(self):
         if self.sync is None:
@@ -80,9 +88,13 @@ class DDPHookState:
         grads, params = bucket.gradients(), bucket.parameters()
         names = [self.name_of(p) for p in params]
         fut = torch.futures.Future()
+        if not self.pending:                # the iteration's first bucket: read the loss scale once
+            sc = self.scaler
+            self._scale = float(sc.get_scale()) if sc is not None and sc.is_enabled() else None
         self.pending.append((bucket.buffer(), grads, names, fut))
         try:
-            gs.start(dict(zip(names, grads)), donate=True)     # DDP takes the bucket buffer back anyway
+            gs.start(dict(zip(names, grads)), donate=True,     # DDP takes the bucket buffer back anyway
+                     loss_scale=self._scale)
             if bucket.is_last():
                 self._complete(gs)
         except BaseException as e:
@@ -119,7 +131,8 @@ def ddp_hook(compressor=None, memory=None, *, seed=None, process_group=None, com
 
     compressor / memory / seed: spec string, object, or None for GRADCOMP_* (as DistributedOptimizer).
     process_group: the torch.distributed group (default: the world); comm: any gradcomp Communicator
-    instead. The returned function carries `.hook_state` with state_dict()/load_state_dict()/stats().
+    instead. The returned function carries `.hook_state` with state_dict()/load_state_dict()/stats(),
+    and `.attach_grad_scaler(scaler)` for loss scaling with error feedback.
     """
     st = DDPHookState(compressor, memory, seed, process_group, comm,
                       list(named_parameters) if named_parameters is not None else None)
@@ -131,4 +144,5 @@ def ddp_hook(compressor=None, memory=None, *, seed=None, process_group=None, com
     gradcomp_ddp_hook.state_dict = st.state_dict
     gradcomp_ddp_hook.load_state_dict = st.load_state_dict
     gradcomp_ddp_hook.stats = st.stats
+    gradcomp_ddp_hook.attach_grad_scaler = st.attach_grad_scaler
     return gradcomp_ddp_hook

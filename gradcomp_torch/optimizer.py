@@ -12,12 +12,16 @@ How one step runs (Horovod's semantics, over gradcomp.GradientSync):
      its collectives issued at once (GradientSync.start), strictly in bucket order so every rank
      issues the same collectives in the same sequence; communication overlaps the rest of backward.
   3. At the end of backward the remaining buckets go out; a parameter that got no gradient sends
-     zeros (as Horovod does), so every rank sends the same tensors.
+     zeros (as Horovod does), so every rank sends the same tensors. If no rank had a gradient for
+     it, its .grad stays None and the wrapped optimizer skips it (a frozen or unused parameter does
+     not move, as in torch); if some rank had one, every rank gets that average (zeros counted for
+     the ranks without), so the ranks stay identical.
   4. step() (or synchronize()) waits (GradientSync.finish), writes the averages into p.grad, calls
      policy.before_step, the wrapped optimizer's step, policy.after_step.
 Sync policies decide per step whether gradients are averaged at all (local SGD does not).
 If any rank produced NaN/Inf, every rank's gradients become NaN: a GradScaler then skips the step
-on all ranks alike; a plain step() raises NonFiniteGradientError on all ranks. On the local steps
+on all ranks alike; a plain step() raises NonFiniteGradientError on all ranks. With a GradScaler,
+`opt.attach_grad_scaler(scaler)` keeps error-feedback state meaningful across scale changes. On the local steps
 of a periodic policy (no gradient averaging) step() still agrees on that, with one 4-byte
 allreduce of every rank's count (gradcomp.finite.start_nonfinite, issued at the end of backward),
 before anything is changed.

@@ -382,3 +382,53 @@ def test_example_resume_is_exact_under_local_sgd(tmp_path, monkeypatch):
     assert full[0]["checksum"] != full[1]["checksum"]        # the run ends between syncs: ranks differ
     for f, r in zip(full, resumed):
         assert r["epoch"] == 2 and f["checksum"] == r["checksum"]
+
+
+class _FakeBucket:
+    """What DDP hands a comm hook: one bucket holding every gradient, flattened into one buffer."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.buf = torch.cat([p.grad.reshape(-1) for p in self.params])
+        self.views, off = [], 0
+        for p in self.params:
+            self.views.append(self.buf[off:off + p.numel()].view_as(p))
+            off += p.numel()
+
+    def buffer(self):
+        return self.buf
+
+    def gradients(self):
+        return self.views
+
+    def parameters(self):
+        return self.params
+
+    def is_last(self):
+        return True
+
+
+def test_ddp_hook_grad_scaler_keeps_residual_meaning():
+    def fn(comm, scaled):
+        m = make_model()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        hook = gct.ddp_hook("topk:ratio=0.2", memory="residual", comm=comm, named_parameters=m.named_parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1, enabled=scaled)
+        hook.attach_grad_scaler(scaler)
+        for s in range(5):
+            opt.zero_grad()
+            scaler.scale(loss_of(m, s, comm.rank)).backward()
+            bucket = _FakeBucket(m.parameters())
+            avg = hook(None, bucket).wait()
+            off = 0
+            for p in m.parameters():                 # what DDP does with the future's buffer
+                p.grad.copy_(avg[off:off + p.numel()].view_as(p))
+                off += p.numel()
+            scaler.step(opt)
+            scaler.update()
+        return flat(m)
+
+    plain = gradcomp.LocalWorld(N, timeout=60).run(fn, False)
+    amp = gradcomp.LocalWorld(N, timeout=60).run(fn, True)
+    for x, y in zip(plain, amp):
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
