@@ -13,7 +13,7 @@ from gradcomp.comm.single import SingleCommunicator
 from gradcomp.compressors.base import Compressor, Ctx
 from gradcomp.config import Config, from_env
 from gradcomp.memory.base import Memory
-from gradcomp.pipeline import GradientSync, NonFiniteGradientError
+from gradcomp.pipeline import GradientSync, NonFiniteGradientError, PayloadOverflowError
 from gradcomp.registry import available as _available
 from gradcomp.registry import create as _create
 
@@ -32,4 +32,4 @@ def create(spec, kind: str = "compressor", **overrides):
 
 __all__ = ["available", "create", "from_env", "Config", "LocalWorld", "GradientSync", "Communicator",
            "SingleCommunicator", "Compressor", "Memory", "Ctx", "ConfigMismatchError", "check_consistent",
-           "NonFiniteGradientError", "__version__"]
+           "NonFiniteGradientError", "PayloadOverflowError", "__version__"]

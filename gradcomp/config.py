@@ -129,7 +129,8 @@ def from_env(environ=None) -> Config:
         if not bucket >= 0:
             raise ValueError
     except ValueError:
-        raise ValueError(f"GRADCOMP_BUCKET_MB={raw_bucket!r} is not a non-negative number of MiB") from None
+        raise ValueError(f"GRADCOMP_BUCKET_MB={raw_bucket!r} is not a non-negative number of MiB; set it to e.g. "
+                         "GRADCOMP_BUCKET_MB=25 (0: one bucket per tensor)") from None
     return Config(comp, mem, _int(env, "GRADCOMP_SEED", 0), sync, backend, bucket, timeout_from_env(env))
 
 

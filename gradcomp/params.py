@@ -1,8 +1,21 @@
 """Typed, range-checked parameters for compressors, memories and sync policies."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
+
+
+def check_seed(seed, where: str = "seed") -> int:
+    """`seed` as an int: an integer (Python or numpy) or a string of one; bool and anything else raise."""
+    if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, str)):
+        raise ValueError(f"{where}={seed!r} is not valid; expected an int, e.g. {where}=0 (every rank the same)")
+    try:
+        return int(seed)
+    except ValueError:
+        raise ValueError(f"{where}={seed!r} is not valid; expected an int, e.g. {where}=0 (every rank the same)") \
+            from None
 
 
 @dataclass(frozen=True)
@@ -25,8 +38,9 @@ class Param:
         parts = [self.type.__name__]
         if self.lo is not None or self.hi is not None:
             lo = "-inf" if self.lo is None else f"{self.lo:g}"
-            hi = "inf" if self.hi is None else f"{self.hi:g}"
-            parts.append(f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}")
+            hi = "inf" if self.hi is None else f"{self.hi:g}"      # unbounded ends are open: inf is not valid
+            parts.append(f"in {'(' if self.lo_open or self.lo is None else '['}{lo}, "
+                         f"{hi}{')' if self.hi_open or self.hi is None else ']'}")
         return " ".join(parts)
 
     def check(self, owner: str, name: str, value):
@@ -39,8 +53,10 @@ class Param:
                     if lv not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                         raise ValueError
                     v = lv in ("1", "true", "yes", "on")
-                else:
+                elif isinstance(v, bool) or v in (0, 1):
                     v = bool(v)
+                else:
+                    raise ValueError
             elif self.type is int:
                 if isinstance(v, float) and not v.is_integer():
                     raise ValueError
@@ -54,12 +70,17 @@ class Param:
                 else:
                     v = int(v)
             elif self.type is float:
-                v = float(v)
-                if v != v:
+                if isinstance(v, bool):
                     raise ValueError
+                v = float(v)
+                if not math.isfinite(v):          # inf/nan: never a meaningful setting
+                    raise ValueError(f"{owner}: parameter {name}={value!r} is not valid; expected a finite "
+                                     f"{self.describe()}")
             else:
                 v = self.type(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as e:
+            if str(e).startswith(owner):
+                raise
             raise ValueError(f"{owner}: parameter {name}={value!r} is not valid; expected {self.describe()}") from None
         if self.choices and v not in self.choices:
             raise ValueError(f"{owner}: parameter {name}={v!r} is not valid; expected {self.describe()}")

@@ -22,6 +22,15 @@ The state the memory and compressor declare in gradient units (`gradient_state`,
 is kept in the units of the scale it was last used with and rescaled by S_new / S_old when the
 scale changes, so a residual keeps its meaning across scale changes while the payloads stay in
 loss-scaled units (fp16 compression keeps the range loss scaling buys).
+
+No finite input gives a non-finite update: finish() also checks the decoded averages (in the
+gradient's own dtype) and raises NonFiniteGradientError, committing nothing, when finite inputs
+produced NaN/Inf: a payload that overflowed its wire dtype (fp16 beyond +-65504), the sum of
+several ranks' payloads overflowing (two fp16 4e4 sum to inf), or an average beyond a float16
+gradient's range. We check rather than saturate (clamp to the dtype's maximum): saturating
+would silently clip the update, and a torch GradScaler could no longer see the overflow and
+lower its scale (it does when the averaged gradients come back as inf/NaN). Collective results
+are identical on every rank, so every rank reaches the same decision without another message.
 """
 from __future__ import annotations
 
@@ -36,10 +45,17 @@ from gradcomp.comm.single import SingleCommunicator
 from gradcomp.compressors.base import Ctx
 from gradcomp.config import resolve_memory
 from gradcomp.state import split
+from gradcomp.finite import local_nonfinite
+from gradcomp.params import check_seed
 
 
 class NonFiniteGradientError(FloatingPointError):
     """Some rank produced NaN/Inf gradients; raised on every rank, state untouched."""
+
+
+class PayloadOverflowError(NonFiniteGradientError):
+    """Finite gradients gave a non-finite average (the compressor's payload or its sum over ranks
+    overflowed); raised on every rank, state untouched."""
 
 
 @dataclass
@@ -81,7 +97,7 @@ class GradientSync:
         self.compressor = registry.create(compressor, "compressor")
         self.memory = resolve_memory(memory, self.compressor)
         self.comm = comm if comm is not None else SingleCommunicator()
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.check_finite, self.check_config = check_finite, check_config
         self._mem, self._cst, self._shapes, self._work = {}, {}, {}, {}
         self._scale, self._adopt_rep = {}, {}     # loss scale of each tensor's state; replicated state to adopt
@@ -157,7 +173,7 @@ class GradientSync:
         b = get_backend(g)
         shape, dtype = tuple(b.shape(g)), b.dtype(g)
         if not b.is_floating(g):
-            raise TypeError(f"gradient {name!r} has dtype {dtype}; gradcomp averages floating-point gradients")
+            raise TypeError(unsupported_dtype("gradient", name, dtype))
         if name in self._shapes and self._shapes[name] != shape:
             raise ValueError(f"gradient {name!r} changed shape from {self._shapes[name]} to {shape}; "
                              "a tensor's shape must stay fixed (reset() after changing the model)")
@@ -320,6 +336,8 @@ class GradientSync:
                     avg = self.memory.output(avg, mem, e.ctx)
                     commits.append((e, mem, comp.new_state(e.info, self._cst[e.name], e.ctx)))
                     out[e.name] = b.reshape(b.cast(avg, e.dtype), e.shape)
+            if self.check_finite:
+                self._check_outputs(out)
         except BaseException:
             for bk in buckets:
                 bk.handles = []
@@ -332,6 +350,13 @@ class GradientSync:
             traffic.account(self._stats, comp, e)
         self._step += 1
         return out
+
+    def _check_outputs(self, out):
+        """NonFiniteGradientError if finite inputs gave non-finite averages (see the module docstring)."""
+        bad = sum(b.item(c) for b, c in local_nonfinite(out.values()))
+        if bad:
+            raise PayloadOverflowError(overflow_message(self._step, int(bad), self.compressor.spec(),
+                                                          self.comm.size))
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -436,6 +461,24 @@ def _rescale(component, state: dict, factor: float) -> dict:
     for k in keys:
         out[k] = state[k] * factor
     return out
+
+
+def unsupported_dtype(what: str, name: str, dtype: str) -> str:
+    """The error for a tensor gradcomp cannot average (integer, bool, complex)."""
+    msg = f"{what} {name!r} has dtype {dtype}; gradcomp averages real floating-point tensors"
+    if "complex" in dtype:
+        msg += (" (complex gradients are not supported: keep the parameter as a real tensor with a trailing "
+                "dimension of size 2, torch.view_as_real/view_as_complex in forward, or leave it out of the "
+                "optimizer)")
+    return msg
+
+
+def overflow_message(step, bad: int, spec: str, size: int) -> str:
+    return (f"step {step}: the averaged gradient has {bad} non-finite value(s) although every rank's gradients "
+            f"were finite: compressor {spec!r} overflowed (its payload, the sum of {size} ranks' payloads, or "
+            "the cast back to the gradient's dtype); no state was changed. For fp16 use prescale=1/N or "
+            f"smaller (N ranks: fp16:prescale={1.0 / max(size, 1):g} keeps every sum in range for inputs within "
+            "+-65504), or bf16; with a torch GradScaler the step is skipped and the scale lowered.")
 
 
 def _adopt(state: dict, like, b) -> dict:

@@ -75,6 +75,9 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         k, eq, v = part.partition("=")
         if not eq or not k.strip():
             raise ValueError(f"bad parameter {part!r} in spec {spec!r}; expected key=value")
+        if k.strip() in kwargs:
+            raise ValueError(f"parameter {k.strip()!r} is given twice in spec {spec!r}; give each parameter "
+                             "once")
         kwargs[k.strip()] = v.strip()
     return name.strip().lower(), kwargs
 

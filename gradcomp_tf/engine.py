@@ -32,6 +32,7 @@ import gradcomp
 from gradcomp import registry
 from gradcomp.config import resolve_memory
 from gradcomp.finite import agree_nonfinite
+from gradcomp.params import check_seed
 from gradcomp.pipeline import GradientSync, NonFiniteGradientError
 from gradcomp.state import restore, snapshot
 from gradcomp.sync.base import SyncPolicy
@@ -108,7 +109,7 @@ class Exchange:
         comp = registry.create(compressor, "compressor") if compressor is not None else env.compressor
         mem = resolve_memory(memory, comp) if memory is not None else env.memory
         pol = registry.create(sync, "sync") if sync is not None else env.sync
-        sd = int(seed) if seed is not None else env.seed
+        sd = check_seed(seed) if seed is not None else env.seed
         return comp, mem, pol, sd
 
     # ------------------------------------------------------------------ configuration

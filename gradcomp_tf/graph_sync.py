@@ -13,7 +13,9 @@ memory.update on the symbolic gradients; nothing of it runs on the host. What di
     `wait()` turns them into ONE `tf.numpy_function` (host arrays in, host arrays out) that starts
     them all on the real transport and waits. A 1-float non-finite counter rides in the same call;
     if any rank saw NaN/Inf every rank raises NonFiniteGradientError there;
-  * bookkeeping: the step counter and byte counts are advanced by that host call, per execution.
+  * outputs: a second small host call (no collective) checks the decoded averages: finite inputs that
+    gave NaN/Inf (fp16 overflow) raise PayloadOverflowError on every rank before any state is assigned;
+  * bookkeeping: the step counter and byte counts are advanced by that second call, per execution.
 
 A compressor or memory whose Python code needs the step or data values as Python numbers (DGC's
 warm-up schedule, rbgs/randproj block offsets, data-dependent payload sizes, non-array state) cannot
@@ -28,7 +30,7 @@ import tensorflow as tf
 from gradcomp.backend import get_backend
 from gradcomp.comm.base import Communicator, Handle
 from gradcomp.compressors.base import Ctx
-from gradcomp.pipeline import NonFiniteGradientError
+from gradcomp.pipeline import NonFiniteGradientError, PayloadOverflowError, overflow_message
 
 
 class _LazyHandle(Handle):
@@ -186,10 +188,16 @@ class GraphRunner:
                 raise NonFiniteGradientError(
                     f"step {gs._step}: {int(outs[0][0])} non-finite gradient value(s) across ranks; no state "
                     "was changed. Lower the learning rate, use loss scaling, or skip this batch.")
+
+        def commit(bad_out):                # host side, after decoding: the outputs' check, then bookkeeping
+            if bad_out > 0:                 # identical on every rank (collective results are)
+                raise PayloadOverflowError(overflow_message(gs._step, int(bad_out), gs.compressor.spec(),
+                                                            gs.comm.size))
             gs._step += 1
             self.x.step += 1                # the sync policy's step counter (after_step reads it)
             for k, d in record["stats"].items():
                 gs._stats[k] = gs._stats.get(k, 0) + d
+            return np.int32(0)
 
         lazy = _LazyComm(gs.comm, on_first)
         b = get_backend(grads[0])
@@ -209,8 +217,10 @@ class GraphRunner:
             for n in names:
                 gs._mem[n], gs._cst[n] = dict(self.vars[n][0]), dict(self.vars[n][1])
         outs = [out[n] for n in names]
+        bad_out = tf.add_n([tf.cast(b.count_nonfinite(o), tf.float32) for o in outs])
+        ok = tf.numpy_function(commit, [bad_out], tf.int32, stateful=True, name="gradcomp_commit")
         assigns = []
-        with tf.control_dependencies(outs):
+        with tf.control_dependencies(outs + [ok]):
             for n in names:
                 for vars_, st in zip(self.vars[n], new[n]):
                     for k, var in vars_.items():

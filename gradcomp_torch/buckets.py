@@ -36,6 +36,10 @@ def name_parameters(optimizer, named_parameters):
             out.append((n, p))
     if not out:
         raise ValueError("the optimizer has no parameter that requires grad")
+    for n, p in out:
+        if not p.is_floating_point():
+            from gradcomp.pipeline import unsupported_dtype
+            raise TypeError(unsupported_dtype("parameter", n, str(p.dtype).replace("torch.", "")))
     return out
 
 

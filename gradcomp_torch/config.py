@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from gradcomp import registry
 from gradcomp.config import from_env
+from gradcomp.params import check_seed
 
 
 @dataclass
@@ -35,10 +36,16 @@ def resolve_config(compressor=None, memory=None, sync=None, seed=None, bucket_mb
         mem = cfg.memory if memory is None else memory
     else:
         mem = memory if memory is not None else (env.get("GRADCOMP_MEMORY", "").strip() or "auto")
-    if bucket_mb is not None and not float(bucket_mb) >= 0:
-        raise ValueError(f"bucket_mb={bucket_mb!r} must be a non-negative number of MiB")
-    if seed is not None and not isinstance(seed, int):
-        raise ValueError(f"seed={seed!r} must be an int")
+    if bucket_mb is not None:
+        try:
+            ok = not isinstance(bucket_mb, bool) and float(bucket_mb) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"bucket_mb={bucket_mb!r} is not valid; expected a non-negative number of MiB, e.g. "
+                             "bucket_mb=25 (0: one bucket per tensor), or None for GRADCOMP_BUCKET_MB")
+    if seed is not None:
+        seed = check_seed(seed)
     return AdapterConfig(comp, mem, sync if sync is not None else cfg.sync,
                          cfg.seed if seed is None else seed,
                          cfg.bucket_mb if bucket_mb is None else float(bucket_mb),

@@ -203,6 +203,91 @@ class _NotAnArray:
     shape = (3,)
 
 
+# The validation gaps of issue 15 item 9: each a clear error saying what to do.
+def test_a_key_given_twice_in_a_spec_raises():
+    for spec in ("topk:ratio=0.01,ratio=0.02", "topk:ratio=0.01, ratio = 0.01"):
+        with pytest.raises(ValueError, match="'ratio' is given twice.*once"):
+            gradcomp.create(spec)
+    with pytest.raises(ValueError, match="GRADCOMP_COMPRESSOR.*given twice"):
+        gradcomp.from_env({"GRADCOMP_COMPRESSOR": "fp16:prescale=1,prescale=2"})
+
+
+@pytest.mark.parametrize("spec", ["fp16:prescale=inf", "bf16:prescale=-inf", "fp16:prescale=nan",
+                                  "slowmo:alpha=inf", "residual:beta=inf"])
+def test_non_finite_float_parameters_raise(spec):
+    kind = "sync" if spec.startswith("slowmo") else "memory" if spec.startswith("residual") else "compressor"
+    with pytest.raises(ValueError, match="is not valid; expected a finite float"):
+        gradcomp.create(spec, kind)
+    assert gradcomp.create("fp16:prescale=0.5").prescale == 0.5
+
+
+@pytest.mark.parametrize("seed", [True, False, 1.5, "one", None, [0]])
+def test_seed_must_be_an_int(seed):
+    with pytest.raises(ValueError, match=r"seed=.* is not valid; expected an int, e\.g\. seed=0"):
+        gradcomp.GradientSync(seed=seed)
+    with pytest.raises(ValueError, match="expected an int"):
+        gradcomp.create("localsgd", "sync").bind(None, seed=seed)
+    assert gradcomp.GradientSync(seed=np.int64(3)).seed == 3 and gradcomp.GradientSync(seed="4").seed == 4
+
+
+def test_complex_gradients_raise_a_type_error_naming_the_tensor():
+    with pytest.raises(TypeError, match="gradient 'z' has dtype complex64.*complex gradients are not supported"):
+        gradcomp.GradientSync().step({"w": np.ones(2, np.float32), "z": np.ones(3, np.complex64)})
+
+
+def test_bool_and_float_parameters_reject_other_types():
+    with pytest.raises(ValueError, match="compress=2 is not valid"):
+        gradcomp.create("localsgd", "sync", compress=2)
+    with pytest.raises(ValueError, match="prescale=True is not valid"):
+        gradcomp.create("fp16", prescale=True)
+
+
+# --------------------------------------------------------------------------- overflow (issue 15 item 4)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("case", ["one rank 7e4", "sum of 4e4 + 4e4", "float16 gradient"])
+def test_finite_gradients_that_overflow_raise_on_every_rank_and_change_nothing(case):
+    """No finite input gives a non-finite update: an fp16 payload beyond 65504 on one rank, a sum
+    over ranks beyond it, or an average beyond a float16 gradient's range (error feedback adds a
+    kept 6e4 to a new 6e4) raises PayloadOverflowError (a NonFiniteGradientError) on every rank,
+    commits nothing, and the next step works."""
+    f16 = case == "float16 gradient"
+    spec, dtype = ("topk:ratio=0.125", np.float16) if f16 else ("fp16", np.float32)
+
+    def spike(i, v):
+        return np.where(np.arange(8) == i, v, 0).astype(dtype)
+
+    def fn(comm):
+        sync = gradcomp.GradientSync(spec, memory="residual", comm=comm, seed=1)
+        ok = np.linspace(-1, 1, 8).astype(dtype)
+        sync.step({"w": ok})
+        if f16:                                # topk sends index 3; the residual keeps 6e4 at index 2
+            sync.step({"w": spike(2, 6e4) + spike(3, 6.1e4)})
+            g = spike(2, 6e4)
+        else:
+            g = ok.copy()
+            g[2] = (7e4 if comm.rank == 0 else 1.0) if case == "one rank 7e4" else 4e4
+        before = (sync.steps, sync.stats(), np.array(sync.residual("w"), copy=True))
+        try:
+            sync.step({"w": g})
+            return "no error"
+        except gradcomp.PayloadOverflowError as e:
+            assert isinstance(e, gradcomp.NonFiniteGradientError) and "overflowed" in str(e) and "prescale" in str(e)
+        assert (sync.steps, sync.stats()) == before[:2]
+        np.testing.assert_array_equal(sync.residual("w"), before[2])
+        return bool(np.all(np.isfinite(sync.step({"w": ok})["w"])))
+
+    res = gradcomp.LocalWorld(2, timeout=30).run(fn)
+    assert res == [True, True], res
+
+
+def test_fp16_prescale_one_over_n_keeps_the_sum_of_n_ranks_in_range():
+    def fn(comm):
+        g = np.full(4, 6e4, np.float32)
+        return gradcomp.GradientSync("fp16:prescale=0.5", comm=comm).step({"w": g})["w"]
+    for out in gradcomp.LocalWorld(2, timeout=30).run(fn):
+        np.testing.assert_allclose(out, 6e4, rtol=1e-3)
+
+
 # --------------------------------------------------------------------------- LocalWorld
 def test_localworld_returns_results_in_rank_order():
     def fn(comm):

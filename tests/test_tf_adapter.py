@@ -435,6 +435,39 @@ def test_fit_with_callbacks_broadcasts_averages_and_reports_bytes():
     assert res[0][1]["gradcomp_ratio"] == [r["ratio"] for r in res[0][2]]
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf.function"])
+def test_fp16_overflow_of_finite_gradients_raises_on_every_rank_and_keeps_state(traced):
+    """4e4 on each of 2 ranks is finite, but its fp16 sum is not: every rank raises, nothing commits."""
+    def fn(comm):
+        w = tf.Variable(tf.ones([8]))
+        ex = gct.Exchange("fp16", "residual", comm, sync="allreduce")
+
+        def step(scale):
+            with tf.GradientTape() as t:
+                loss = tf.reduce_sum(w * scale)
+            return gct.DistributedGradientTape(t, exchange=ex).gradient(loss, [w])[0]
+        step = tf.function(step) if traced else step
+        step(tf.ones([8]))
+        before = ex.state_dict()
+        big = np.ones(8, np.float32)
+        big[3] = 4e4
+        try:
+            step(tf.constant(big))
+            err = None
+        except Exception as e:  # noqa: BLE001 - inside tf.function it arrives wrapped
+            err = str(e)
+        after = ex.state_dict()
+        return err, before, after, ex.path[0], step(tf.ones([8])).numpy()
+
+    for err, before, after, path, nxt in world(2, fn):
+        assert err is not None and "overflowed" in err, err
+        assert path == ("graph" if traced else "eager")
+        assert after["sync"]["step"] == before["sync"]["step"] == 1
+        for name, st in before["sync"]["memory_state"].items():
+            np.testing.assert_array_equal(st["residual"], after["sync"]["memory_state"][name]["residual"])
+        np.testing.assert_array_equal(nxt, np.ones(8, np.float32))
+
+
 def test_nan_on_a_local_step_raises_on_every_rank_and_changes_nothing():
     """da averages no gradients on local steps, but NaN on one rank still stops every rank there:
     weights and optimizer variables (momentum) stay as they were, and training goes on in step."""

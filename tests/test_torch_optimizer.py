@@ -357,6 +357,45 @@ def test_bad_specs_raise_value_error():
         gct.DistributedOptimizer(sgd, backward_passes_per_step=0, comm=comm)
 
 
+def test_issue_listed_bad_arguments_raise_saying_what_to_do():
+    m = make_model()
+    sgd = torch.optim.SGD(m.parameters(), lr=0.1)
+    comm = gradcomp.SingleCommunicator()
+    for kw, msg in (({"bucket_mb": "abc"}, r"bucket_mb='abc' is not valid; expected a non-negative number of MiB, "
+                                           r"e\.g\. bucket_mb=25"),
+                    ({"bucket_mb": True}, "bucket_mb=True is not valid"),
+                    ({"seed": True}, r"seed=True is not valid; expected an int, e\.g\. seed=0"),
+                    ({"compressor": "topk:ratio=0.01,ratio=0.02"}, "'ratio' is given twice"),
+                    ({"compressor": "fp16:prescale=inf"}, "expected a finite float")):
+        with pytest.raises(ValueError, match=msg):
+            gct.DistributedOptimizer(sgd, named_parameters=m.named_parameters(), comm=comm, **kw)
+    z = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="parameter 'z' has dtype complex64.*complex gradients are not supported"):
+        gct.DistributedOptimizer(torch.optim.SGD([*m.parameters(), z], lr=0.1),
+                                 named_parameters=[*m.named_parameters(), ("z", z)], comm=comm)
+
+
+def test_fp16_overflow_of_a_finite_gradient_raises_on_every_rank_and_keeps_parameters():
+    """A finite 7e4 on one rank overflows fp16's wire: every rank raises instead of stepping to -inf."""
+    def fn(comm):
+        m = make_model()
+        opt = wrap(m, comm, compressor="fp16")
+        loss = loss_of(m, 0, comm.rank)
+        if comm.rank == 1:                 # d/dw of this term: a finite 7e4 > fp16's 65504
+            loss = loss + 7e4 * m[0].weight[0, 0]
+        loss.backward()
+        before = params(m)
+        with pytest.raises(gct.NonFiniteGradientError, match="overflowed"):
+            opt.step()
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, params(m)))
+        opt.zero_grad()
+        loss_of(m, 1, comm.rank).backward()
+        opt.step()
+        return unchanged and all(torch.isfinite(p).all() for p in m.parameters())
+
+    assert gradcomp.LocalWorld(N, timeout=30).run(fn) == [True, True]
+
+
 def test_env_configures_compressor(monkeypatch):
     monkeypatch.setenv("GRADCOMP_COMPRESSOR", "topk:ratio=0.05")
     monkeypatch.delenv("GRADCOMP_MEMORY", raising=False)

@@ -20,7 +20,9 @@ class TFBackend(Backend):
         for d in x.shape:
             n *= int(d)
         return n
-    def dtype(self, x): return _NAME[tf.as_dtype(x.dtype)]
+    def dtype(self, x):                 # an unsupported dtype (complex) keeps TF's name
+        d = tf.as_dtype(x.dtype)
+        return _NAME.get(d) or d.name
     def device(self, x): return getattr(x, "device", "") or "cpu"
     def traced(self): return not tf.executing_eagerly()
 

@@ -30,7 +30,8 @@ class TorchBackend(Backend):
 
     def shape(self, x): return tuple(x.shape)
     def numel(self, x): return x.numel()
-    def dtype(self, x): return _NAME[x.dtype]
+    def dtype(self, x):                 # an unsupported dtype (complex) keeps torch's name
+        return _NAME.get(x.dtype) or str(x.dtype).replace("torch.", "")
     def nbytes(self, x): return x.numel() * x.element_size()
     def device(self, x): return str(x.device)
 

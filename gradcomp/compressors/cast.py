@@ -3,6 +3,13 @@
 The sum of casts decodes to the cast of the sum up to rounding: decode is the (linear) cast
 back to fp32 times 1/prescale. A prescale factor guards fp16 against overflow of the summed
 payload on many ranks (Horovod's prescale_factor); the default 1 matches Horovod's fp16.
+
+Overflow is not saturated: a value beyond the wire dtype's range (fp16: |prescale * x| > 65504,
+or the sum over ranks beyond it) becomes inf, and GradientSync then raises PayloadOverflowError
+(a NonFiniteGradientError) on every rank with no state changed, so a torch GradScaler skips the
+step and lowers its scale, as it does for its own overflows (gradcomp/pipeline.py says why we
+check rather than clamp). prescale <= 1/N keeps the sum of N ranks in range for inputs within
++-65504; bf16 has float32's exponent range.
 """
 from gradcomp.compressors.base import Compressor
 from gradcomp.params import Param

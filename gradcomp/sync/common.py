@@ -37,8 +37,8 @@ import numpy as np
 from gradcomp import registry
 from gradcomp.backend import get_backend
 from gradcomp.comm.base import Handle, check_consistent
-from gradcomp.params import Param
-from gradcomp.pipeline import NonFiniteGradientError
+from gradcomp.params import Param, check_seed
+from gradcomp.pipeline import NonFiniteGradientError, PayloadOverflowError, unsupported_dtype
 from gradcomp.sync.base import SyncPolicy
 
 _WIRE = {"float16": "float32", "bfloat16": "float32"}
@@ -126,7 +126,7 @@ class PeriodicPolicy(SyncPolicy):
     def bind(self, comm, compressor=None, seed: int = 0):
         from gradcomp.comm.single import SingleCommunicator
         from gradcomp.pipeline import GradientSync
-        super().bind(comm if comm is not None else SingleCommunicator(), None, int(seed))
+        super().bind(comm if comm is not None else SingleCommunicator(), None, check_seed(seed))
         self._delta = None
         if compressor is not None and self.compress:
             comp = registry.create(compressor, "compressor")
@@ -221,6 +221,9 @@ class PeriodicPolicy(SyncPolicy):
             deltas = {n: p - anchor[n] for n, p in zip(names, params)}
             try:
                 avg_delta = self._delta.step(deltas)
+            except PayloadOverflowError as e:
+                raise FloatingPointError(f"{self.name}: sync {self._syncs}: the compressed parameter deltas "
+                                         f"overflowed ({e}); parameters were left as they were.") from e
             except NonFiniteGradientError as e:
                 raise self._diverged(f"the compressed parameter deltas could not be averaged ({e})", params) from e
         finally:
@@ -277,8 +280,7 @@ class PeriodicPolicy(SyncPolicy):
             x = view.get(n)
             b = get_backend(x)
             if not b.is_floating(x):
-                raise TypeError(f"{self.name}: parameter {n!r} has dtype {b.dtype(x)}; only floating-point "
-                                "parameters can be averaged")
+                raise TypeError(f"{self.name}: " + unsupported_dtype("parameter", n, b.dtype(x)))
             shapes[n] = list(b.shape(x))
         if self.average_momentum and getattr(view, "adaptive", bool)() and self.comm.rank == 0:
             import warnings
