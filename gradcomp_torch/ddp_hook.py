@@ -17,11 +17,19 @@ Algorithm, per DDP bucket (DDP calls the hook in bucket order, the same on every
      futures. DDP copies the buffers into p.grad.
 If any rank had NaN/Inf gradients, the buffers are filled with NaN on every rank (as plain DDP would
 propagate them), so a GradScaler skips the step on all ranks alike.
+The hook never sees the optimizer: with a method that implements momentum itself (memory dgc/gmc,
+compressor signum; gradcomp/momentum.py) create the optimizer with momentum=0 yourself (rank 0
+warns once), or use gradcomp_torch.DistributedOptimizer, which takes SGD's momentum over.
 """
 from gradcomp.pipeline import GradientSync, NonFiniteGradientError
 from gradcomp_torch.config import resolve_config
 
 import torch
+
+
+def _rank():
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class DDPHookState:
@@ -30,6 +38,14 @@ class DDPHookState:
     def __init__(self, compressor, memory, seed, process_group, comm, named_parameters):
         cfg = resolve_config(compressor, memory, None, seed, None, "torch")
         self.compressor, self.memory, self.seed = cfg.compressor, cfg.memory, cfg.seed
+        from gradcomp.config import resolve_memory
+        own = [o for o in (resolve_memory(cfg.memory, cfg.compressor), cfg.compressor)
+               if getattr(o, "owns_momentum", False)]
+        if own and (comm.rank if comm is not None else _rank()) == 0:
+            import warnings
+            warnings.warn(f"gradcomp ddp_hook: {own[0].kind} {own[0].name!r} implements momentum itself; create "
+                          "the optimizer with momentum=0 (or use gradcomp_torch.DistributedOptimizer, which "
+                          "takes SGD's momentum over), else momentum is applied twice", stacklevel=3)
         self.process_group, self.comm = process_group, comm
         self.names = {id(p): n for n, p in named_parameters} if named_parameters is not None else {}
         self._auto_names = named_parameters is None
