@@ -17,8 +17,9 @@ Runs (every rank takes part in each; the 1-rank runs train the same V on a one-r
   1-rank         the same V on one rank, no delay (the model the 2-rank runs must reproduce)
   topk ...       the same three with compressor topk (`--topk`, residual error feedback)
 
-Columns: wait % = the fast rank's wait at the collective over its compute + wait (VirtualWorkers'
-rank-time report, steps after the first `--skip`), step ms and samples/s from the wall clock
+Columns: wait % = each rank's wait at the collective over its compute + wait, and spread = the mean
+over steps of max - min compute across ranks (VirtualWorkers' rank-time report, steps after the first
+`--skip`, whose table is also printed for the balanced runs), step ms and samples/s from the wall clock
 from the first timed step to the end of training (between two barriers), the speed-up against `equal`,
 the final shares, test accuracy, and the largest parameter difference from the 1-rank model.
 """
@@ -103,9 +104,11 @@ def run(a, comm, data, *, balance, compressor, delay):
     with torch.no_grad():
         acc = float((model(xte).argmax(-1) == yte).float().mean()) * 100
     st = vw.stats(skip=a.skip) if comm.size > 1 else None
+    table = vw.report.table(skip=a.skip)
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return {"wall": elapsed, "samples": samples, "steps": gstep - a.skip,
-            "acc": acc, "stats": st, "params": params, "shares": list(vw.shares), "changes": vw.balancer.changes}
+            "acc": acc, "stats": st, "params": params, "table": table, "shares": list(vw.shares),
+            "changes": vw.balancer.changes}
 
 
 def main(argv=None):
@@ -135,9 +138,13 @@ def main(argv=None):
             step_ms = 1e3 * r["wall"] / r["steps"]
             thr = r["samples"] / r["wall"]
             base = thr if mode == "equal" else base
+            if comm.rank == 0 and mode == "balanced":
+                print(f"rank-time report, {label} balanced (VirtualWorkers.report.table):\n"
+                      + r["table"], flush=True)
             rows.append({"run": f"{label} {mode}", "wait_pct": [round(100 * w, 1) for w in s["wait_frac"]],
                          "compute_ms": [round(1e3 * c, 1) for c in s["compute"]],
                          "wait_ms": [round(1e3 * w, 1) for w in s["wait"]], "step_ms": round(step_ms, 1),
+                         "spread_ms": round(1e3 * s["spread"], 1),
                          "samples_per_s": round(thr, 1), "speedup": round(thr / base, 2), "shares": r["shares"],
                          "rebalances": r["changes"], "acc": round(r["acc"], 2),
                          "max_diff_vs_1rank": float((r["params"] - one["params"]).abs().max())})
@@ -145,17 +152,18 @@ def main(argv=None):
                      "shares": one["shares"]})
     if comm.rank == 0:
         print(f"V={a.virtual_workers} x {a.micro_batch} images (global batch {a.virtual_workers * a.micro_batch}), "
-              f"{a.epochs} epochs, rank 1 {a.slowdown}x slower per micro-batch (delay {1e3 * a.delay:.0f} ms on rank 0), "
+              f"{a.epochs} epochs, rank 1 {a.slowdown}x slower per micro-batch "
+              f"(delay {1e3 * a.delay:.0f} ms on rank 0), "
               f"timings over the steps after the first {a.skip}")
-        print("| run | wait % (rank 0, 1) | compute ms (0, 1) | wait ms (0, 1) | step ms | samples/s | speed-up "
-              "| shares | accuracy % | max |param - 1-rank| |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| run | wait % (rank 0, 1) | compute ms (0, 1) | wait ms (0, 1) | spread ms | step ms | samples/s "
+              "| speed-up | shares | accuracy % | max |param - 1-rank| |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             if "wait_pct" not in r:
-                print(f"| {r['run']} | | | | | | | {r['shares']} | {r['acc']:.2f} | 0 |")
+                print(f"| {r['run']} | | | | | | | | {r['shares']} | {r['acc']:.2f} | 0 |")
                 continue
             print(f"| {r['run']} | {r['wait_pct'][0]}, {r['wait_pct'][1]} | {r['compute_ms'][0]}, "
-                  f"{r['compute_ms'][1]} | {r['wait_ms'][0]}, {r['wait_ms'][1]} | {r['step_ms']} | "
+                  f"{r['compute_ms'][1]} | {r['wait_ms'][0]}, {r['wait_ms'][1]} | {r['spread_ms']} | {r['step_ms']} | "
                   f"{r['samples_per_s']} | {r['speedup']:.2f}x | {r['shares']} ({r['rebalances']} change(s)) | "
                   f"{r['acc']:.2f} | {r['max_diff_vs_1rank']:.1e} |")
         if a.json:
