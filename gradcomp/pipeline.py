@@ -397,15 +397,25 @@ class GradientSync:
         momentum) restarts at zero: per-rank state is never taken from a peer. Validates first
         (ValueError, nothing changed)."""
         self._check_config(sd)
-        pending = {}
-        for name in sd.get("shapes", {}):
-            pending[name] = (dict(sd.get("memory_state", {}).get(name, {})),
-                             dict(sd.get("compressor_state", {}).get(name, {})))
+        shapes = {k: tuple(v) for k, v in sd.get("shapes", {}).items()}
+        for name, shape in shapes.items():
+            if name in self._shapes and self._shapes[name] != shape:
+                raise ValueError(f"the replicated state has {name!r} of shape {shape}, this rank {self._shapes[name]}")
+        mem, cst, pending = {}, {}, {}
+        for name in shapes:
+            rep = (dict(sd.get("memory_state", {}).get(name, {})), dict(sd.get("compressor_state", {}).get(name, {})))
+            like = _any_array(self._mem.get(name, {}), self._cst.get(name, {}))
+            if like is None:                 # no state here yet: adopted on first sight (_prepare)
+                pending[name] = rep
+                continue
+            b = get_backend(like)
+            mem[name] = _adopt(dict({k: _zero(v) for k, v in self._mem[name].items()}, **rep[0]), like, b)
+            cst[name] = _adopt(dict({k: _zero(v) for k, v in self._cst[name].items()}, **rep[1]), like, b)
         self._step = int(sd["step"])
-        self._shapes = {k: tuple(v) for k, v in sd.get("shapes", {}).items()}
+        self._shapes = shapes
         self._work = dict(sd.get("work_dtypes", {}))
         self._scale = {k: float(v) for k, v in sd.get("loss_scale", {}).items()}
-        self._mem, self._cst, self._adopt_rep = {}, {}, pending
+        self._mem, self._cst, self._adopt_rep = mem, cst, pending
 
     def _check_config(self, sd):
         if not isinstance(sd, dict) or "step" not in sd:
@@ -450,6 +460,21 @@ def _weighted(g, weight, donate):
     if b.dtype(g) in ("float16", "bfloat16"):
         return b.scale_(b.cast(g, "float32"), w)
     return b.scale_(g, w) if donate else g * w
+
+
+def _any_array(*states):
+    for st in states:
+        for v in st.values():
+            if v is not None and not isinstance(v, (int, float, bool)):
+                return v
+    return None
+
+
+def _zero(v):
+    """A per-rank state entry restarted: zeros of its shape (numbers become 0)."""
+    if v is None or isinstance(v, (int, float, bool)):
+        return type(v)(0) if v is not None else None
+    return get_backend(v).zeros_like(v)
 
 
 def _rescale(component, state: dict, factor: float) -> dict:

@@ -13,7 +13,7 @@ Custom loops: `gct.DistributedGradientTape(tape, compressor=...)`. Horovod users
 (save one file per rank: `gct.rank_path(prefix)`). What runs where: gradcomp_tf/engine.py.
 """
 from gradcomp_tf import callbacks
-from gradcomp_tf.broadcast import broadcast_variables
+from gradcomp_tf.broadcast import broadcast_exchange_state, broadcast_variables
 from gradcomp_tf.checkpoint import GradcompState, rank_name, rank_path
 from gradcomp_tf.compression import Compression
 from gradcomp_tf.engine import XLA_MESSAGE, Exchange
@@ -22,6 +22,6 @@ from gradcomp_tf.runtime import init, local_rank, rank, size
 from gradcomp_tf.sync_view import KerasParamView
 from gradcomp_tf.tape import DistributedGradientTape
 
-__all__ = ["init", "rank", "size", "local_rank", "broadcast_variables", "DistributedGradientTape",
+__all__ = ["init", "rank", "size", "local_rank", "broadcast_variables", "broadcast_exchange_state", "DistributedGradientTape",
            "DistributedOptimizer", "Exchange", "Compression", "GradcompState", "rank_path", "rank_name",
            "KerasParamView", "callbacks", "XLA_MESSAGE"]

@@ -2,6 +2,7 @@
 
     gradcomp_tf.broadcast_variables(model.variables, root_rank=0)
     gradcomp_tf.broadcast_variables(optimizer.variables, root_rank=0)   # after optimizer.build(...)
+    gradcomp_tf.broadcast_exchange_state(optimizer.gradcomp_exchange, root_rank=0)   # gradcomp's own
 
 Eagerly the values travel as host arrays through the transport and are assigned in place; inside a
 tf.function the same runs in one tf.py_function (ordered after the variables' earlier updates).
@@ -47,3 +48,27 @@ def broadcast_variables(variables, root_rank: int = 0, backend=None):
         return tf.constant(0, tf.int32)
     reads = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
     return tf.py_function(host, reads, Tout=tf.int32, name="gradcomp_broadcast")
+
+
+def broadcast_exchange_state(exchange, root_rank: int = 0):
+    """Give every rank root_rank's *replicated* gradcomp state (step counters, PowerSGD's Q, GMC's
+    global momentum, the sync policy's anchor; gradcomp/state.py); each other rank's residuals
+    restart at zero (per-rank state is never broadcast). Encoded without pickle
+    (gradcomp_tf.checkpoint.encode). Eager only; call it on every rank, e.g. after restoring a
+    checkpoint on root_rank alone. BroadcastGlobalVariablesCallback does this for a
+    DistributedOptimizer."""
+    from gradcomp_tf.checkpoint import decode, encode
+    comm = exchange.comm
+    if not 0 <= int(root_rank) < comm.size:
+        raise ValueError(f"root_rank={root_rank} is not a rank of this {comm.size}-rank job")
+    if comm.size == 1:
+        return
+    raw = np.frombuffer(encode(exchange.replicated_state_dict()), np.uint8).copy() \
+        if comm.rank == root_rank else np.zeros(0, np.uint8)
+    n = int(np.asarray(comm.broadcast(np.array([raw.size], np.int64), root=root_rank,
+                                      name="exchange_state.len").wait()).reshape(-1)[0])
+    if comm.rank != root_rank:
+        raw = np.zeros(n, np.uint8)
+    data = np.asarray(comm.broadcast(raw, root=root_rank, name="exchange_state.data").wait(), np.uint8)
+    if comm.rank != root_rank:
+        exchange.load_replicated_state_dict(decode(data.tobytes()))

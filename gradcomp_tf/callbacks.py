@@ -14,7 +14,7 @@ import numpy as np
 import keras
 
 from gradcomp_tf import runtime
-from gradcomp_tf.broadcast import broadcast_variables
+from gradcomp_tf.broadcast import broadcast_exchange_state, broadcast_variables
 
 
 def _comm_of(model, backend):
@@ -26,7 +26,8 @@ def _comm_of(model, backend):
 
 
 class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
-    """Broadcast the model's variables and the optimizer's state from `root_rank` before training.
+    """Broadcast the model's variables, the optimizer's state and gradcomp's replicated state (step
+    counters, shared compressor state; residuals stay per rank) from `root_rank` before training.
 
     If the model is built when fit() starts, the optimizer is built too and both are broadcast before
     the first step; otherwise (a subclassed model built by its first call) right after the first
@@ -43,6 +44,9 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         opt = getattr(self.model, "optimizer", None)
         if opt is not None and getattr(opt, "built", False):
             broadcast_variables(opt.variables, self.root_rank, backend=comm)
+        ex = getattr(opt, "gradcomp_exchange", None)
+        if ex is not None:                  # gradcomp's replicated state too (step, shared state)
+            broadcast_exchange_state(ex, self.root_rank)
         self.done = True
 
     def on_train_begin(self, logs=None):

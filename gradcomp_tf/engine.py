@@ -241,6 +241,31 @@ class Exchange:
             sd[key] = {n: {k: _np(v) for k, v in st.items()} for n, st in sd[key].items()}
         return {"sync": sd, "policy": self.policy.state_dict(), "step": self.step}
 
+    def replicated_state_dict(self) -> dict:
+        """Only the state identical on every rank (gradcomp/state.py): step counters, shared
+        compressor/memory state (PowerSGD's Q, GMC's global momentum), the policy's anchor."""
+        sd = self.sync.replicated_state_dict()
+        for key in ("memory_state", "compressor_state"):
+            sd[key] = {n: {k: _np(v) for k, v in st.items()} for n, st in sd[key].items()}
+        return {"sync": sd, "policy": self.policy.replicated_state_dict(), "step": self.step,
+                "replicated_only": True}
+
+    def load_replicated_state_dict(self, sd: dict):
+        """Adopt a peer's replicated_state_dict(); this rank's residuals restart at zero. All or nothing."""
+        if not isinstance(sd, dict) or not sd.get("replicated_only"):
+            raise ValueError("not an Exchange.replicated_state_dict()")
+        snap, step = snapshot(self.sync, self.policy), self.step
+        try:
+            self.sync.load_replicated_state_dict(sd["sync"])
+            self.policy.load_replicated_state_dict(sd.get("policy", {}))
+            self.step = int(sd.get("step", 0))
+        except BaseException:
+            restore(snap)
+            self.step = step
+            raise
+        if self._graph is not None:
+            self._graph.push_state()
+
     def load_state_dict(self, sd: dict):
         """Restore; all or nothing: on any error (another configuration or sync policy) the state
         is left exactly as it was."""

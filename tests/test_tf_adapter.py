@@ -383,6 +383,42 @@ def test_failed_restore_changes_nothing_and_flipped_bytes_are_refused(tmp_path):
             tf.train.Checkpoint(model=m, optimizer=opt).read(prefix).assert_consumed()
 
 
+def test_horovod_resume_idiom_restores_on_rank0_and_broadcasts_replicated_state(tmp_path):
+    """Rank 0 restores its checkpoint alone; broadcast_variables + broadcast_exchange_state put every
+    rank at the same gradcomp step (randomk's shared choices), so the ranks stay identical (issue 16)."""
+    def build(comm):
+        m = tiny_model()
+        opt = gct.DistributedOptimizer(keras.optimizers.SGD(LR), compressor="randomk:ratio=0.3", backend=comm,
+                                       seed=3)
+        m.compile(optimizer=opt, loss=LOSS)
+        opt.build(m.trainable_variables)
+        return m, opt
+
+    def fn(comm):
+        m, opt = build(comm)
+        for s in range(4):
+            m.train_on_batch(*batch(comm.rank, s))
+        prefix = gct.rank_path(os.path.join(str(tmp_path), "ck"), comm)
+        tf.train.Checkpoint(model=m, optimizer=opt).write(prefix)
+        m2, opt2 = build(comm)
+        m2.train_on_batch(*batch(comm.rank, 0))              # a process with one step of its own
+        if comm.rank == 0:
+            tf.train.Checkpoint(model=m2, optimizer=opt2).read(prefix).assert_consumed()
+        gct.broadcast_variables(m2.variables, 0, backend=comm)
+        gct.broadcast_variables(opt2.variables, 0, backend=comm)
+        gct.broadcast_exchange_state(opt2.gradcomp_exchange, 0)
+        ex = opt2.gradcomp_exchange
+        steps = (ex.step, ex.sync.steps)
+        for s in range(4, 7):
+            m2.train_on_batch(*batch(comm.rank, s))
+        return steps, [w.numpy() for w in m2.weights]
+
+    (s0, w0), (s1, w1) = world(2, fn)
+    assert s0 == s1 == (4, 4)
+    for a, b in zip(w0, w1):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_checkpoint_encoding_round_trip_without_pickle():
     import ml_dtypes
     obj = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": [1, 2.5, "x", None, True],
