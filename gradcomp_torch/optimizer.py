@@ -338,9 +338,9 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
             err = self._nonfinite
             if err is not None:
                 self._reset_step_state()
-                raise NonFiniteGradientError(
-                    f"step {self._step}: {err} Skipped on every rank; use torch.amp.GradScaler, lower the "
-                    "learning rate, or catch this error and continue") from err
+                msg = str(err) if str(err).startswith("step ") else f"step {self._step}: {err}"
+                raise type(err)(f"{msg} Skipped on every rank; use torch.amp.GradScaler, lower the "
+                                "learning rate, or catch this error and continue") from err   # keeps the subclass
             self._policy.before_step(self._step, self._view)
             if self._wd_momentum is not None:
                 self._wd_momentum.apply()

@@ -111,7 +111,7 @@ def _checks(rc, out, expected):
 
 
 CHECKS = ["one_step_none", "resume_per_rank", "resume_gathered", "example_resume", "config_mismatch",
-          "grad_scaler", "broadcast"]
+          "order_mismatch", "local_step_nan", "fp16_sum_overflow", "grad_scaler", "broadcast"]
 
 
 @LAUNCH

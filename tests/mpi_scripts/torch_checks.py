@@ -9,6 +9,11 @@ Rank 0 prints "CHECK <name> PASS|FAIL <detail>" per check and "ALL PASS" when al
   resume_gathered      the same through one file written by rank 0 (gathered_state_dict)
   example_resume       examples/torch_train.py: 2 epochs vs 1 epoch + --resume, same checksum
   config_mismatch      rank 1 asks for another compressor: ConfigMismatchError on every rank
+  order_mismatch       rank 1's optimizer holds the same parameters in reverse order: ConfigMismatchError
+                       naming position 0 on every rank
+  local_step_nan       localsgd: NaN on rank 1 at a local step raises on both ranks, parameters unchanged
+  fp16_sum_overflow    fp16: 4e4 on each rank is finite, its sum over the transport is not: both ranks
+                       raise PayloadOverflowError and keep their parameters
   grad_scaler          an overflow on rank 1 only: GradScaler skips the step on both ranks alike
   broadcast            broadcast_parameters / broadcast_optimizer_state make every rank equal to root
 """
@@ -118,6 +123,49 @@ def config_mismatch(comm, a):
     return total == comm.size, f"{total:g} of {comm.size} ranks raised a ConfigMismatchError naming fp16"
 
 
+def order_mismatch(comm, a):
+    m = make_model()
+    ps = list(m.parameters())
+    try:
+        gct.DistributedOptimizer(torch.optim.SGD(ps[::-1] if comm.rank == 1 else ps, lr=0.1),
+                                 named_parameters=m.named_parameters(), comm=comm)
+        raised = 0.0
+    except gradcomp.ConfigMismatchError as e:
+        raised = 1.0 if "order: first difference at position 0" in str(e) else 0.5
+    total = float(np.asarray(comm.allreduce(np.array([raised], np.float64), name="check").wait())[0])
+    return total == comm.size, f"{total:g} of {comm.size} ranks raised a ConfigMismatchError naming position 0"
+
+
+def _raises_and_keeps(comm, m, opt, loss, error):
+    loss.backward()
+    before = flat(m).clone()
+    try:
+        opt.step()
+        raised = 0.0
+    except error:
+        raised = 1.0
+    kept = 1.0 if torch.equal(before, flat(m)) and bool(torch.isfinite(flat(m)).all()) else 0.0
+    total = np.asarray(comm.allreduce(np.array([raised, kept], np.float64), name="check").wait())
+    return bool(total[0] == total[1] == comm.size), f"raised on {total[0]:g}, parameters kept on {total[1]:g} ranks"
+
+
+def local_step_nan(comm, a):
+    m = make_model()
+    opt = gct.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                   named_parameters=m.named_parameters(), sync="localsgd:period=2", comm=comm)
+    loss = loss_of(m, 0, comm.rank) * (float("nan") if comm.rank == 1 else 1.0)
+    return _raises_and_keeps(comm, m, opt, loss, gct.NonFiniteGradientError)
+
+
+def fp16_sum_overflow(comm, a):
+    m = make_model()
+    opt = gct.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
+                                   compressor="fp16", comm=comm)
+    w = next(m.parameters())
+    loss = loss_of(m, 0, comm.rank) + 4e4 * w.reshape(-1)[0]     # a finite 4e4 in the gradient on each rank
+    return _raises_and_keeps(comm, m, opt, loss, gradcomp.PayloadOverflowError)
+
+
 def grad_scaler(comm, a):
     m = make_model()
     opt = gct.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
@@ -162,6 +210,9 @@ CHECKS = {
     "resume_gathered": lambda c, a: resume(c, a, True),
     "example_resume": example_resume,
     "config_mismatch": config_mismatch,
+    "order_mismatch": order_mismatch,
+    "local_step_nan": local_step_nan,
+    "fp16_sum_overflow": fp16_sum_overflow,
     "grad_scaler": grad_scaler,
     "broadcast": broadcast,
 }
