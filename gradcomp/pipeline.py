@@ -146,14 +146,13 @@ class GradientSync:
         docstring). loss_scale: the factor the gradients carry (GradScaler's scale; None = 1)."""
         if not isinstance(named_grads, dict):
             raise TypeError("GradientSync expects a dict {name: gradient array}")
-        if weight != 1.0:
-            named_grads = {k: _weighted(g, weight, donate) for k, g in named_grads.items()}
+        weight = _check_weight(weight)
         if not self._checked and self.check_config:
             self.check({k: get_backend(v).shape(v) for k, v in named_grads.items()})
         scale = 1.0 if loss_scale is None else float(loss_scale)
         if not (scale > 0 and scale != float("inf")):
             raise ValueError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
-        entries = [self._prepare(name, g, donate, scale) for name, g in named_grads.items()]
+        entries = [self._prepare(name, g, donate, scale, weight) for name, g in named_grads.items()]
         bucket = _Bucket(entries)
         if (self.check_finite or absent is not None) and entries:
             b = entries[0].ctx.backend
@@ -169,7 +168,7 @@ class GradientSync:
         self._launch(bucket, [e for e in entries if e.numel_ok])
         self._buckets.append(bucket)
 
-    def _prepare(self, name, g, donate=False, scale=1.0):
+    def _prepare(self, name, g, donate=False, scale=1.0, weight=1.0):
         b = get_backend(g)
         shape, dtype = tuple(b.shape(g)), b.dtype(g)
         if not b.is_floating(g):
@@ -188,6 +187,8 @@ class GradientSync:
                   loss_scale=scale)
         flat = b.flatten(g)
         flat = b.cast(flat, work)
+        if weight != 1.0:               # in the working precision; in place only on what may be written
+            flat = b.scale_(flat, weight) if donate or not b.shares_memory(flat, g) else flat * weight
         e = _Entry(name, shape, dtype, ctx, g=flat)
         e.numel_ok = n > 0
         if not e.numel_ok:
@@ -449,17 +450,11 @@ class GradientSync:
         self._checked = False
 
 
-def _weighted(g, weight, donate):
-    """weight * g in the working precision (float32 for half types, as _prepare would cast)."""
+def _check_weight(weight) -> float:
     w = float(weight)
     if not w >= 0.0 or w == float("inf"):
         raise ValueError(f"gradient weight must be a finite number >= 0, got {weight!r}")
-    b = get_backend(g)
-    if not b.is_floating(g):
-        return g                        # _prepare raises its own error for integer gradients
-    if b.dtype(g) in ("float16", "bfloat16"):
-        return b.scale_(b.cast(g, "float32"), w)
-    return b.scale_(g, w) if donate else g * w
+    return w
 
 
 def _any_array(*states):

@@ -247,6 +247,27 @@ def test_error_feedback_keeps_the_weighted_sum(spec):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_weight_keeps_the_gradient_dtype_and_works_in_the_working_precision(dtype):
+    """A float16 gradient is weighted after widening to float32 (no half-precision rounding of w * g) and
+    its average comes back as float16; float32/float64 keep theirs."""
+    def fn(comm):
+        rng = np.random.default_rng([4, comm.rank])
+        g = rng.standard_normal(50).astype(dtype)
+        w = (0.3, 1.7)[comm.rank]
+        sync = gradcomp.GradientSync("none", comm=comm)
+        sync.start({"g": g}, weight=w)
+        out = sync.finish()["g"]
+        return g, w, out
+
+    res = world(2, fn)
+    work = np.float64 if dtype == "float64" else np.float32
+    want = sum(g.astype(work) * work(w) for g, w, _ in res) / 2
+    for _, _, out in res:
+        assert out.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(out, want.astype(dtype))
+
+
 def test_bad_weight_is_refused():
     sync = gradcomp.GradientSync("none")
     for w in (-1.0, float("nan"), float("inf")):
