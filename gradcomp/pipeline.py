@@ -328,7 +328,7 @@ class GradientSync:
                     if comp.summable:
                         avg = comp.decompress(e.reduced, e.info, e.ctx)
                         if e.ctx.size > 1:
-                            mine = self._donate and any(b.shares_memory(avg, r) for r in e.reduced)
+                            mine = self._donate and any(b.shares_memory(avg, r) for r in e.reduced or ())
                             avg = b.scale_(avg, 1.0 / e.ctx.size) if mine else avg * (1.0 / e.ctx.size)
                     else:
                         avg = comp.aggregate(e.gathered, e.info, e.ctx)
