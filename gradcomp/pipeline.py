@@ -337,7 +337,7 @@ class GradientSync:
                     avg = self.memory.output(avg, mem, e.ctx)
                     commits.append((e, mem, comp.new_state(e.info, self._cst[e.name], e.ctx)))
                     out[e.name] = b.reshape(b.cast(avg, e.dtype), e.shape)
-            if self.check_finite:
+            if self.check_finite and not (comp.lossless and self.comm.size == 1):   # else: the checked input
                 self._check_outputs(out)
         except BaseException:
             for bk in buckets:
