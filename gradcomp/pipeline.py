@@ -382,6 +382,15 @@ class GradientSync:
                 "compressor_state": {k: dict(v) for k, v in self._cst.items()},
                 "loss_scale": dict(self._scale)}
 
+    def set_state_scale(self, loss_scale: float):
+        """Declare that the gradient-unit state held so far is in units of `loss_scale` (nothing is
+        rescaled now; the next start(loss_scale=) rescales from there). For an adapter that learns
+        the scale only after the first scaled step."""
+        scale = float(loss_scale)
+        if not (scale > 0 and scale != float("inf")):
+            raise ValueError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
+        self._scale = {n: scale for n in set(self._scale) | set(self._mem)}
+
     def replicated_state_dict(self) -> dict:
         """Only the replicated state (gradcomp/state.py): step, seed, configuration, tensor shapes and
         the per-tensor keys the memory and compressor declare replicated (GMC's global momentum,

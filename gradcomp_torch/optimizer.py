@@ -20,8 +20,9 @@ How one step runs (Horovod's semantics, over gradcomp.GradientSync):
      policy.before_step, the wrapped optimizer's step, policy.after_step.
 Sync policies decide per step whether gradients are averaged at all (local SGD does not).
 If any rank produced NaN/Inf, every rank's gradients become NaN: a GradScaler then skips the step
-on all ranks alike; a plain step() raises NonFiniteGradientError on all ranks. With a GradScaler,
-`opt.attach_grad_scaler(scaler)` keeps error-feedback state meaningful across scale changes. On the local steps
+on all ranks alike; a plain step() raises NonFiniteGradientError on all ranks. A GradScaler is picked up on
+its first unscale_ (or `opt.attach_grad_scaler(scaler)`): error-feedback state keeps its meaning across
+scale changes. On the local steps
 of a periodic policy (no gradient averaging) step() still agrees on that, with one 4-byte
 allreduce of every rank's count (gradcomp.finite.start_nonfinite, issued at the end of backward),
 before anything is changed.
@@ -34,6 +35,7 @@ GradScaler.unscale_ reading param_groups runs that agreement, so every rank skip
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import warnings
 import weakref
@@ -101,6 +103,8 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
     # ------------------------------------------------------------------ torch.optim surface
     @property
     def param_groups(self):
+        if "_grad_scaler" not in self.__dict__:
+            self._detect_grad_scaler(sys._getframe(1))
         if self.__dict__.get("_backward_done") and not self._synced:
             self.synchronize()      # GradScaler.unscale_ and friends must see averaged gradients
         return self.inner.param_groups
@@ -285,11 +289,27 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
         gradient units is rescaled by new_scale / old_scale whenever the scale changes (exact for
         GradScaler's powers of two), so a run with loss scaling follows the unscaled run. Without
         it the state is kept in loss-scaled units and each scale change mis-weights it. Reads the
-        scale once per step (on CUDA that is one device-to-host copy)."""
+        scale once per step (on CUDA that is one device-to-host copy). A GradScaler that unscales
+        this optimizer (scaler.step / scaler.unscale_) is attached automatically on its first
+        step; call this to attach it explicitly, or with None to turn the detection off."""
         if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
             raise TypeError(f"attach_grad_scaler expects a torch.amp.GradScaler, got {type(scaler).__name__}")
         self._grad_scaler = scaler
         return self
+
+    def _detect_grad_scaler(self, frame):
+        """A GradScaler reads param_groups from its _unscale_grads_ (unscale_, step): adopt it as if
+        attach_grad_scaler had been called; what the state holds so far is in its current scale.
+        attach_grad_scaler(None) turns this off."""
+        if frame is None or frame.f_code.co_name != "_unscale_grads_":
+            return
+        scaler = frame.f_locals.get("self")
+        if not (callable(getattr(scaler, "get_scale", None)) and callable(getattr(scaler, "is_enabled", None))):
+            return
+        self._grad_scaler = scaler
+        scale = self._loss_scale()
+        if scale is not None:
+            self._gs.set_state_scale(scale)
 
     def _loss_scale(self):
         scaler = self.__dict__.get("_grad_scaler")

@@ -295,14 +295,15 @@ def test_state_classes_declared_replicated_state_is_identical_across_ranks():
 
 
 # ------------------------------------------------------------------ item 7: loss-scaled residuals
-@pytest.mark.parametrize("memory", ["residual", "dgc", "gmc"])
-def test_grad_scaler_scale_changes_keep_residual_meaning(memory):
-    """The scale doubles every step (growth_interval=1): with the scaler attached the trajectory is the
-    unscaled run's (powers of two: exactly, up to rounding)."""
+@pytest.mark.parametrize("memory, attach", [("residual", True), ("dgc", True), ("gmc", True), ("residual", False)])
+def test_grad_scaler_scale_changes_keep_residual_meaning(memory, attach):
+    """The scale doubles every step (growth_interval=1): with the scaler attached (explicitly, or
+    detected on its first unscale_) the trajectory is the unscaled run's (powers of two: exactly)."""
     def fn(comm, scaled):
         m, opt = build(comm, "topk:ratio=0.2", momentum=0.0, memory=memory)
         scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1, enabled=scaled)
-        opt.attach_grad_scaler(scaler)
+        if attach:
+            opt.attach_grad_scaler(scaler)
         out = []
         for s in range(6):
             opt.zero_grad()
@@ -310,6 +311,7 @@ def test_grad_scaler_scale_changes_keep_residual_meaning(memory):
             scaler.step(opt)
             scaler.update()
             out.append(flat(m))
+        assert not scaled or opt._grad_scaler is scaler
         return out, scaler.get_scale() if scaled else 1.0
 
     plain = gradcomp.LocalWorld(N, timeout=60).run(fn, False)
