@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 examples/torch_train.py --compressor fp16
     horovodrun -np 2 python examples/torch_train.py --backend horovod
     mpirun -np 2 python examples/torch_train.py --task lm             # WikiText-2 (../shared/data)
+    python examples/torch_train.py --virtual-workers 8                # digits: the 8-worker job on one process
 
 Each rank trains on its own shard of the data; gradients are averaged through
 gradcomp_torch.DistributedOptimizer (compressor / memory / sync policy from the arguments or the
@@ -14,6 +15,10 @@ accuracy (digits) or perplexity (lm), the bytes this rank sent and the compressi
 (and, under a periodic --sync policy, every rank's own parameters and momentum) into one file that
 rank 0 writes with gradcomp_torch.save_checkpoint (sha256-checked, loaded with weights_only=True);
 --resume continues from it exactly as if the run had not stopped, under every sync policy.
+--virtual-workers V (digits; or GRADCOMP_VIRTUAL_WORKERS) trains V virtual workers of --batch-size
+images each, whatever the number of ranks (gradcomp_torch.VirtualWorkers: the same global batch and
+model on 1 or P ranks); --balance moves virtual workers to faster ranks; rank 0 prints the rank-time
+report at the end.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common_data  # noqa: E402
 
 import gradcomp_torch as gct  # noqa: E402
+from gradcomp.config import virtual_workers_from_env  # noqa: E402
 
 
 class DigitsCNN(nn.Module):
@@ -68,7 +74,16 @@ def parse_args(argv=None):
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                    help="learning rate over the run: cosine decay to 0, or constant")
     p.add_argument("--bucket-mb", type=float, default=None, help="fusion bucket MiB (default GRADCOMP_BUCKET_MB)")
-    return common_data.finish_args(p, argv)
+    p.add_argument("--virtual-workers", type=int, default=None,
+                   help="digits: V virtual workers of --batch-size images (default GRADCOMP_VIRTUAL_WORKERS)")
+    p.add_argument("--balance", action="store_true", help="with virtual workers: follow each rank's speed")
+    a = common_data.finish_args(p, argv)
+    a.virtual_workers = a.virtual_workers or virtual_workers_from_env()
+    if a.balance and not a.virtual_workers:
+        p.error("--balance needs --virtual-workers V (or GRADCOMP_VIRTUAL_WORKERS)")
+    if a.virtual_workers and a.task != "digits":
+        p.error("--virtual-workers is implemented for --task digits")
+    return a
 
 
 def _local_ranks(size):
@@ -100,11 +115,27 @@ class DigitsTask:
     def make_optimizer(self):
         return torch.optim.SGD(self.model.parameters(), lr=self.a.lr, momentum=self.a.momentum)
 
+    def attach(self, opt):
+        self.vw = None if not self.a.virtual_workers else gct.VirtualWorkers(
+            opt, len(self.ytr), micro_batch=self.a.batch_size, virtual_workers=self.a.virtual_workers,
+            balance=self.a.balance, seed=self.a.seed)
+
     def batches(self, epoch):
+        if self.vw is not None:
+            return _VirtualSteps(self.vw, epoch)
         idx = common_data.epoch_shard(len(self.ytr), self.comm.rank, self.comm.size, self.a.seed, epoch)
         return common_data.batches(idx, self.a.batch_size)
 
     def train_step(self, opt, batch, state):
+        if self.vw is not None:               # a VirtualWorkers step: this rank's virtual workers
+            opt.zero_grad()
+            total = 0.0
+            for mb in batch:
+                loss = F.cross_entropy(self.model(self.xtr[mb.indices]), self.ytr[mb.indices])
+                (loss * mb.loss_scale).backward()
+                total += loss.item() * len(mb)
+            opt.step()
+            return total, batch.samples, state
         x, y = self.xtr[batch], self.ytr[batch]
         opt.zero_grad()
         loss = F.cross_entropy(self.model(x), y)
@@ -169,6 +200,19 @@ class LMTask:
         return math.exp(s / n)
 
 
+class _VirtualSteps:
+    """An epoch of VirtualWorkers steps with a length (built lazily: the balancer may re-split)."""
+
+    def __init__(self, vw, epoch):
+        self.vw, self.epoch = vw, epoch
+
+    def __len__(self):
+        return len(self.vw)
+
+    def __iter__(self):
+        return self.vw.epoch(self.epoch)
+
+
 # ------------------------------------------------------------------ main loop
 def main(argv=None):
     a = parse_args(argv)
@@ -185,6 +229,8 @@ def train(a, comm):
     opt = gct.DistributedOptimizer(task.make_optimizer(), named_parameters=model.named_parameters(),
                                    compressor=a.compressor, memory=a.memory, sync=a.sync,
                                    bucket_mb=a.bucket_mb, comm=comm)
+    if hasattr(task, "attach"):
+        task.attach(opt)
     total_steps = a.epochs * len(task.batches(0))
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps) if a.schedule == "cosine"
              else torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
@@ -237,6 +283,13 @@ def train(a, comm):
                 gct.save_checkpoint({"model": model.state_dict(), "optimizer": sd, "scheduler": sched.state_dict(),
                                      "epoch": epoch + 1}, a.checkpoint)
             comm.barrier()
+    vw = getattr(task, "vw", None)
+    if vw is not None:
+        st = vw.stats(skip=1)
+        result.update(virtual_workers=vw.virtual_workers, shares=st["shares"], rank_times=st["summary"])
+        if rank0:
+            print(f"virtual workers: {vw.virtual_workers} x {a.batch_size} images, rank-time report:\n"
+                  + vw.report.table(skip=1), flush=True)
     result.update(checksum=checksum(model), compressor=opt.compressor.spec(), size=comm.size, total=opt.stats())
     if rank0 and a.json:
         print("RESULT " + json.dumps(result), flush=True)

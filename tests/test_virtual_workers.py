@@ -78,13 +78,14 @@ def test_virtual_workers_arguments(monkeypatch):
     opt.set_step_share(2, 0.5)                      # between steps: fine
 
 
-CHECKS = ["v2_bit_exact", "v4_fp64", "balanced_same", "report"]
+CHECKS = ["v2_bit_exact", "v4_fp64", "balanced_same", "report", "example_v2"]
 
 
 @LAUNCH
 def test_virtual_workers_under_mpirun():
     """1 vs 2 ranks, same V: bit-exact (V=2) / float64 rounding (V=4, and with the balancer active under an
-    injected delay on rank 1); the balancer's shares agree on both ranks every step; the report too."""
+    injected delay on rank 1); the balancer's shares agree on both ranks every step; the report too; the
+    example's --virtual-workers 2 gives the same model on 1 and 2 ranks."""
     _checks(*_mpirun("virtual_checks.py", "--backend", "mpi"), CHECKS)
 
 

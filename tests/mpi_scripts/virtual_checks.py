@@ -11,6 +11,8 @@ Rank 0 prints "CHECK <name> PASS|FAIL <detail>" per check and "ALL PASS" when al
                     workers move to rank 0, both ranks hold the same shares after every step, and the
                     model still equals the 1-rank model within float64 rounding
   report            the rank-time report is identical on both ranks and records rank 1's delay
+  example_v2        examples/torch_train.py --virtual-workers 2 (digits CNN, float32, 1 epoch): the 2-rank
+                    model's checksum equals the 1-rank run's
 """
 import argparse
 import os
@@ -23,6 +25,9 @@ import torch
 
 import gradcomp
 import gradcomp_torch as gct
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 N_SAMPLES = 90        # 2 full steps of 32 and a short last step of 26 per epoch
 
@@ -117,7 +122,17 @@ def report(comm, a):
                 f"wait ms {[round(1e3 * w, 1) for w in s['wait']]}")
 
 
-CHECKS = {"v2_bit_exact": v2_bit_exact, "v4_fp64": v4_fp64, "balanced_same": balanced_same, "report": report}
+def example_v2(comm, a):
+    import torch_train
+    args = ["--virtual-workers", "2", "--epochs", "1", "--no-progress", "--threads", "1", "--lr", "0.1"]
+    one = torch_train.train(torch_train.parse_args(args), gradcomp.SingleCommunicator())
+    two = torch_train.train(torch_train.parse_args(args), comm)
+    ok = one["checksum"] == two["checksum"] and two["shares"] == [1, 1] and one["shares"] == [2]
+    return ok, f"checksums {one['checksum']} (1 rank) {two['checksum']} (2 ranks), acc {two['acc']:.1f}"
+
+
+CHECKS = {"v2_bit_exact": v2_bit_exact, "v4_fp64": v4_fp64, "balanced_same": balanced_same, "report": report,
+          "example_v2": example_v2}
 
 
 def main():
