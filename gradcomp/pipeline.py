@@ -7,7 +7,9 @@
 (call it once per bucket while backward is still running); `finish()` waits, runs the later
 rounds of multi-round compressors, decodes, and only then commits every residual and counter.
 Summable payloads go through one allreduce per dtype and bucket; the others through one
-allgather per bucket. If any rank saw a non-finite gradient, every rank raises
+allgather per bucket. Where the compressor allows it, a bucket's tensors are compressed as one
+flat buffer (gradcomp/fusion.py; `fuse=`), with state still keyed by parameter name. If any
+rank saw a non-finite gradient, every rank raises
 NonFiniteGradientError from `finish()` and no state changes: the step can be skipped or retried.
 
 Missing gradients: `start(..., absent=names)` says this rank has no gradient for `names` (it
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradcomp import registry, traffic
+from gradcomp import fusion, registry, traffic
 from gradcomp.backend import get_backend
 from gradcomp.comm.base import check_consistent
 from gradcomp.comm.single import SingleCommunicator
@@ -79,7 +81,8 @@ class _Bucket:
     entries: list
     handles: list = field(default_factory=list)   # (kind, handle, layout)
     flag: object = None
-    presence: bool = False                        # flag carries, after the count, a has-gradient flag per entry
+    presence: bool = False                        # flag carries, after the count, a has-gradient flag per tensor
+    names: list = None                            # the tensors' names in the order of the presence flags
     meta: int = 0                                 # header bytes, counted only once the step commits
 
 
@@ -93,7 +96,7 @@ class GradientSync:
     """Compressed gradient averaging for named gradients on one rank of `comm`."""
 
     def __init__(self, compressor="none", memory="auto", comm=None, seed: int = 0, *,
-                 check_finite: bool = True, check_config: bool = True):
+                 check_finite: bool = True, check_config: bool = True, fuse="auto"):
         self.compressor = registry.create(compressor, "compressor")
         self.memory = resolve_memory(memory, self.compressor)
         self.comm = comm if comm is not None else SingleCommunicator()
@@ -105,6 +108,10 @@ class GradientSync:
         self._stats = traffic.new_counters()     # plain numbers: they checkpoint (gradcomp/traffic.py)
         self._buckets: list[_Bucket] = []
         self._checked = False
+        if fuse not in ("auto", True, False):
+            raise ValueError(f"fuse must be 'auto', True or False, got {fuse!r}")
+        self.fuse = fuse                          # gradcomp/fusion.py
+        self._fused = fusion.FusedState()
         # A transport that accepts donation also hands back private results (comm/base.py), so a
         # decoded average that is a view of one (`none`) is scaled in place: no copy of the gradients.
         self._donate = bool(getattr(self.comm, "accepts_donation", False))
@@ -152,8 +159,10 @@ class GradientSync:
         scale = 1.0 if loss_scale is None else float(loss_scale)
         if not (scale > 0 and scale != float("inf")):
             raise ValueError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
-        entries = [self._prepare(name, g, donate, scale, weight) for name, g in named_grads.items()]
-        bucket = _Bucket(entries)
+        admitted = [self._admit(name, g, donate, scale, weight) for name, g in named_grads.items()]
+        entries = [self._fuse(grp) if len(grp) > 1 else self._compress(grp[0], donate)
+                   for grp in fusion.groups(self, admitted)]
+        bucket = _Bucket(entries, names=[e.name for e in admitted])
         if (self.check_finite or absent is not None) and entries:
             b = entries[0].ctx.backend
             bad = sum((b.count_nonfinite(e.g) for e in entries[1:]), b.count_nonfinite(entries[0].g))
@@ -161,14 +170,15 @@ class GradientSync:
                 b.from_numpy(np.zeros(1, np.float32), entries[0].g)
             if absent is not None:
                 absent = set(absent)
-                here = np.array([e.name not in absent for e in entries], dtype=np.float32)
+                here = np.array([e.name not in absent for e in admitted], dtype=np.float32)
                 flag = b.cat([flag, b.from_numpy(here, entries[0].g)])
                 bucket.presence = True
             bucket.flag = self.comm.allreduce(flag, name="nonfinite")
         self._launch(bucket, [e for e in entries if e.numel_ok])
         self._buckets.append(bucket)
 
-    def _prepare(self, name, g, donate=False, scale=1.0, weight=1.0):
+    def _admit(self, name, g, donate=False, scale=1.0, weight=1.0):
+        """Check one gradient and flatten it into its working dtype (an _Entry, nothing compressed)."""
         b = get_backend(g)
         shape, dtype = tuple(b.shape(g)), b.dtype(g)
         if not b.is_floating(g):
@@ -190,11 +200,14 @@ class GradientSync:
         if weight != 1.0:               # in the working precision; in place only on what may be written
             flat = b.scale_(flat, weight) if donate or not b.shares_memory(flat, g) else flat * weight
         e = _Entry(name, shape, dtype, ctx, g=flat)
-        e.numel_ok = n > 0
-        if not e.numel_ok:
-            return e
+        e.numel_ok, e.orig, e.work, e.members = n > 0, g, work, None
+        return e
+
+    def _init_state(self, e):
+        """Create (first sight), adopt (restored elsewhere) and rescale (new loss scale) e's state."""
+        name, b, ctx, flat, scale = e.name, e.ctx.backend, e.ctx, e.g, e.ctx.loss_scale
         if name not in self._mem:
-            self._shapes[name], self._work[name] = shape, work
+            self._shapes[name], self._work[name] = e.shape, e.work
             self._mem[name] = self.memory.init_state(flat, ctx)
             self._cst[name] = self.compressor.init_state(flat, ctx)
             rep = self._adopt_rep.pop(name, None)         # replicated state from load_replicated_state_dict
@@ -211,22 +224,42 @@ class GradientSync:
             self._mem[name] = _rescale(self.memory, self._mem[name], scale / old)
             self._cst[name] = _rescale(self.compressor, self._cst[name], scale / old)
             self._scale[name] = scale
-        e.x = self.memory.compensate(flat, self._mem[name], ctx)
+
+    def _compress(self, e, donate=False):
+        """Compensate and compress one tensor with its own state."""
+        if not e.numel_ok:
+            return e
+        self._init_state(e)
+        return self._encode(e, self._mem[e.name], self._cst[e.name],
+                            donate or not e.ctx.backend.shares_memory(e.g, e.orig))
+
+    def _fuse(self, members):
+        """Compensate and compress a group of tensors as one flat buffer (gradcomp/fusion.py)."""
+        for m in members:
+            self._init_state(m)
+        e = fusion.fused_entry(self, members)
+        mem, cst = self._fused.flat_states(e, self._mem, self._cst)
+        return self._encode(e, mem, cst, True)        # the flat buffer is a private copy
+
+    def _encode(self, e, mem_state, cst_state, private):
+        b, ctx = e.ctx.backend, e.ctx
+        e.mem_state, e.cst_state = mem_state, cst_state
+        e.x = self.memory.compensate(e.g, mem_state, ctx)
         try:
-            payload, e.info = self.compressor.compress(e.x, self._cst[name], ctx)
+            payload, e.info = self.compressor.compress(e.x, cst_state, ctx)
         except Exception:
             # A compressor may choke on NaN/Inf (QR, log, int casts). Keep this rank's collectives in
             # step with its peers by sending the compression of zeros; finish() then raises
             # NonFiniteGradientError on every rank and commits nothing.
             if not self.check_finite or not b.item(b.count_nonfinite(e.x)):
                 raise
-            payload, e.info = self.compressor.compress(b.zeros_like(e.x), self._cst[name], ctx)
+            payload, e.info = self.compressor.compress(b.zeros_like(e.x), cst_state, ctx)
         e.payload = _payload_list(payload)
         e.sent_bytes = sum(b.nbytes(p) for p in e.payload)
         # May the transport sum a payload that is the (flattened) gradient in place? Only if nothing
         # reads the gradient afterwards and it is ours: donated by the caller, or a private cast copy.
         e.give = self._donate and self.compressor.rounds == 1 and not self.memory.reads_inputs and \
-            not self.memory.needs_local_decode and (donate or not b.shares_memory(flat, g))
+            not self.memory.needs_local_decode and private
         return e
 
     def _launch(self, bucket, entries):
@@ -290,14 +323,17 @@ class GradientSync:
             for bk in buckets:
                 self._collect(bk)
             bad, nobody = 0.0, set()
-            for bk in buckets:
-                if bk.flag is not None:
-                    r = bk.flag.wait()
-                    rb = get_backend(r)
-                    r = np.asarray(rb.to_numpy(r), dtype=np.float64).reshape(-1)
+            flagged = [bk for bk in buckets if bk.flag is not None]
+            if flagged:                     # one host read per step, not one per bucket
+                res = [bk.flag.wait() for bk in flagged]
+                rb = get_backend(res[0])
+                allr = np.asarray(rb.to_numpy(rb.cat(res) if len(res) > 1 else res[0]), dtype=np.float64)
+                off = 0
+                for bk, r in zip(flagged, res):
+                    r, off = allr[off:off + rb.numel(r)], off + rb.numel(r)
                     bad += float(r[0])
                     if bk.presence:
-                        nobody.update(e.name for e, c in zip(bk.entries, r[1:]) if c < 0.5)
+                        nobody.update(n for n, c in zip(bk.names, r[1:]) if c < 0.5)
             if bad:
                 raise NonFiniteGradientError(
                     f"step {self._step}: {int(bad)} non-finite gradient value(s) across ranks; no state was "
@@ -308,7 +344,7 @@ class GradientSync:
             for rnd in range(1, comp.rounds):
                 pending = _Bucket([])
                 for e in live:
-                    e.payload, e.info = comp.next_round(e.reduced, e.info, self._cst[e.name], e.ctx)
+                    e.payload, e.info = comp.next_round(e.reduced, e.info, e.cst_state, e.ctx)
                     e.payload = _payload_list(e.payload)
                     e.sent_bytes += sum(e.ctx.backend.nbytes(p) for p in e.payload)
                     e.round, e.reduced = rnd, None
@@ -333,10 +369,13 @@ class GradientSync:
                     else:
                         avg = comp.aggregate(e.gathered, e.info, e.ctx)
                     local = comp.decompress(e.payload, e.info, e.ctx) if self.memory.needs_local_decode else None
-                    mem = self.memory.update(e.g, e.x, local, avg, self._mem[e.name], e.ctx)
+                    mem = self.memory.update(e.g, e.x, local, avg, e.mem_state, e.ctx)
                     avg = self.memory.output(avg, mem, e.ctx)
-                    commits.append((e, mem, comp.new_state(e.info, self._cst[e.name], e.ctx)))
-                    out[e.name] = b.reshape(b.cast(avg, e.dtype), e.shape)
+                    commits.append((e, mem, comp.new_state(e.info, e.cst_state, e.ctx)))
+                    if e.members is None:
+                        out[e.name] = b.reshape(b.cast(avg, e.dtype), e.shape)
+                    else:                       # a member no rank had: None, its state untouched
+                        out.update({k: None if k in nobody else v for k, v in fusion.split_output(e, avg).items()})
             if self.check_finite and not (comp.lossless and self.comm.size == 1):   # else: the checked input
                 self._check_outputs(out)
         except BaseException:
@@ -347,7 +386,10 @@ class GradientSync:
         for e in skipped:                   # sent, though nobody had a gradient: the traffic counts
             traffic.account(self._stats, comp, e)
         for e, mem, cst in commits:
-            self._mem[e.name], self._cst[e.name] = mem, cst
+            if e.members is None:
+                self._mem[e.name], self._cst[e.name] = mem, cst
+            else:
+                self._fused.commit(e, mem, cst, self._mem, self._cst, keep=nobody)
             traffic.account(self._stats, comp, e)
         self._step += 1
         return out
@@ -378,8 +420,8 @@ class GradientSync:
         return {"version": 1, "step": self._step, "seed": self.seed, "compressor": self.compressor.spec(),
                 "memory": self.memory.spec(), "rank": self.comm.rank, "stats": dict(self._stats),
                 "shapes": {k: list(v) for k, v in self._shapes.items()}, "work_dtypes": dict(self._work),
-                "memory_state": {k: dict(v) for k, v in self._mem.items()},
-                "compressor_state": {k: dict(v) for k, v in self._cst.items()},
+                "memory_state": {k: _compact(v) for k, v in self._mem.items()},
+                "compressor_state": {k: _compact(v) for k, v in self._cst.items()},
                 "loss_scale": dict(self._scale)}
 
     def set_state_scale(self, loss_scale: float):
@@ -396,8 +438,8 @@ class GradientSync:
         the per-tensor keys the memory and compressor declare replicated (GMC's global momentum,
         PowerSGD's Q). Identical on every rank; what a broadcast from one rank may carry."""
         sd = self.state_dict()
-        sd["memory_state"] = {k: split(self.memory, v)[0] for k, v in self._mem.items()}
-        sd["compressor_state"] = {k: split(self.compressor, v)[0] for k, v in self._cst.items()}
+        sd["memory_state"] = {k: _compact(split(self.memory, v)[0]) for k, v in self._mem.items()}
+        sd["compressor_state"] = {k: _compact(split(self.compressor, v)[0]) for k, v in self._cst.items()}
         sd.pop("stats"), sd.pop("rank")
         sd["replicated_only"] = True
         return sd
@@ -451,12 +493,20 @@ class GradientSync:
         self._cst = {k: dict(v) for k, v in sd.get("compressor_state", {}).items()}
         self._scale = {k: float(v) for k, v in sd.get("loss_scale", {}).items()}
         self._adopt_rep = {}
+        self._fused = fusion.FusedState()
 
     def reset(self):
         """Forget all residuals and per-tensor state (e.g. after the model or world changed)."""
         self._mem, self._cst, self._shapes, self._work, self._buckets = {}, {}, {}, {}, []
         self._scale, self._adopt_rep = {}, {}
         self._checked = False
+        self._fused = fusion.FusedState()
+
+
+def _compact(state: dict) -> dict:
+    """A copy of a state dict whose arrays own their memory (fused buckets hand out views)."""
+    return {k: v if v is None or isinstance(v, (int, float)) else get_backend(v).compact(v)
+            for k, v in state.items()}
 
 
 def _check_weight(weight) -> float:

@@ -242,7 +242,14 @@ def record_locals(sync):
     orig = sync.memory.update
 
     def update(g, x, local, aggregated, state, ctx):
-        log.setdefault(ctx.name, []).append((g, x, local, aggregated))
+        if ctx.members is None:
+            log.setdefault(ctx.name, []).append((g, x, local, aggregated))
+        else:                      # a fused bucket (gradcomp/fusion.py): record each member's part
+            off = 0
+            for name, n in zip(ctx.members, ctx.segments):
+                part = [None if a is None else to_np(a).reshape(-1)[off:off + n] for a in (g, x, local, aggregated)]
+                log.setdefault(name, []).append(tuple(part))
+                off += n
         return orig(g, x, local, aggregated, state, ctx)
 
     sync.memory.update = update

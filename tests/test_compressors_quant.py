@@ -61,7 +61,7 @@ def test_decoded_shapes_dtypes_and_exact_bytes(spec, dtype):
     def fn(comm):
         rng = np.random.default_rng([5, comm.rank])
         grads = {k: rng.standard_normal(s).astype(DTYPES[dtype]) for k, s in shapes.items()}
-        sync = gradcomp.GradientSync(spec, comm=comm, seed=3)
+        sync = gradcomp.GradientSync(spec, comm=comm, seed=3, fuse=False)   # per-tensor bytes (fused: test_fusion.py)
         out = sync.step(grads)
         comp = sync.compressor
         direct = 0
@@ -444,7 +444,8 @@ def test_backends_produce_identical_payload_bytes_and_decodes(spec, dtype):
 
 @pytest.mark.parametrize("spec", ["dgc:ratio=0.05", "qsgd:levels=5", "natural", "terngrad", "onebit", "signum",
                                   "threshold:threshold=1.0"])
-def test_backends_agree_through_the_pipeline(spec):
+@pytest.mark.parametrize("fuse", [False, "auto"])
+def test_backends_agree_through_the_pipeline(spec, fuse):
     backends = _backends()
     if len(backends) == 1:
         pytest.skip("neither torch nor tensorflow is importable")
@@ -453,7 +454,7 @@ def test_backends_agree_through_the_pipeline(spec):
     outs = {}
     for bn in backends:
         def fn(comm):
-            sync = gradcomp.GradientSync(spec, comm=comm, seed=5)
+            sync = gradcomp.GradientSync(spec, comm=comm, seed=5, fuse=fuse)
             res = []
             for _ in range(2):
                 out = sync.step({k: _as(bn, v) for k, v in grads[comm.rank].items()})

@@ -44,6 +44,9 @@ class Backend:
     def copy(self, x): raise NotImplementedError
     # In-place ops, for arrays the caller owns (immutable frameworks return a new array instead).
     def shares_memory(self, a, b) -> bool: return False
+    def compact(self, x):
+        """x itself, or a copy if x is a view into a larger buffer (so that saving x saves only x)."""
+        return x
     def scale_(self, x, factor: float): return x * factor      # x *= factor where possible
     def to_bytes(self, x): raise NotImplementedError           # 1-D uint8 view/copy
     def from_bytes(self, b, dtype: str, shape): raise NotImplementedError
@@ -88,6 +91,27 @@ class Backend:
         Backends may stream it in cache-sized chunks; it must equal nonzero(|x| >= thr)."""
         return self.nonzero(self.greater_equal(self.abs(x), thr))
     def sort(self, x): raise NotImplementedError
+
+    # --- segments: a fused bucket's consecutive tensors (lengths: Python ints, all > 0) -------
+    def segment_sum(self, x, lengths):
+        """1-D array of len(lengths): the sum of each consecutive segment of x (x's dtype)."""
+        parts = self.split(x, list(lengths)) if len(lengths) > 1 else [x]
+        return self.cat([self.reshape(self.sum(p), (1,)) for p in parts])
+
+    def segment_amax(self, x, lengths):
+        """1-D array of len(lengths): the maximum of each consecutive segment of x."""
+        parts = self.split(x, list(lengths)) if len(lengths) > 1 else [x]
+        return self.cat([self.reshape(self.amax(p), (1,)) for p in parts])
+
+    def lengths_array(self, lengths, like, dtype: str):
+        """The segment lengths as a 1-D array of dtype on like's device (backends may cache it)."""
+        import numpy as np
+        return self.cast(self.from_numpy(np.asarray(list(lengths), dtype="int64"), like), dtype)
+
+    def repeat_segments(self, v, lengths):
+        """v (len(lengths),) -> 1-D array of sum(lengths): v_i repeated lengths[i] times."""
+        parts = [self.zeros(int(n), self.dtype(v), v) + self.slice(v, i, i + 1) for i, n in enumerate(lengths)]
+        return parts[0] if len(parts) == 1 else self.cat(parts)
 
     # --- linear algebra --------------------------------------------------------------------
     def matmul(self, a, b): raise NotImplementedError

@@ -57,6 +57,7 @@ class NumpyBackend(Backend):
             np.multiply(x, x.dtype.type(factor), out=x)
             return x
         return x * factor
+    def compact(self, x): return x.copy() if isinstance(x, np.ndarray) and x.base is not None else x
     def to_bytes(self, x): return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
     def from_bytes(self, b, dtype, shape): return np.ascontiguousarray(b).view(np_dtype(dtype)).reshape(shape)
     def transpose(self, x): return np.ascontiguousarray(np.transpose(x))

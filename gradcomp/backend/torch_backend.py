@@ -21,6 +21,10 @@ _HCHUNK = 1 << 15                     # int64 elements per chunk of the counter 
 _UNPACK: dict = {}                    # device -> int32 (256, 8) bits of each byte, MSB first
 
 
+def x_is_cuda(x) -> bool:
+    return x.device.type != "cpu"
+
+
 def torch_dtype(name: str):
     return _DT[name]
 
@@ -60,6 +64,8 @@ class TorchBackend(Backend):
         return torch.is_tensor(a) and torch.is_tensor(b) and a.device == b.device and \
             a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     def scale_(self, x, factor): return x.mul_(factor)
+    def compact(self, x):
+        return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x
     def to_bytes(self, x): return x.contiguous().reshape(-1).view(torch.uint8)
     def from_bytes(self, b, dtype, shape):
         b = b.contiguous()
@@ -194,6 +200,36 @@ class TorchBackend(Backend):
         return idx
 
     def sort(self, x): return torch.sort(x).values
+
+    def _lengths(self, lengths, dev, dtype=torch.int64):
+        # cached: a fused bucket's lengths are the same every step (no host-to-device copy per step)
+        key = ("lengths", dev, dtype, tuple(lengths))
+        t = _UNPACK.get(key)
+        if t is None:
+            if len(_UNPACK) > 256:
+                for k in [k for k in _UNPACK if k[0] == "lengths"]:
+                    del _UNPACK[k]
+            t = _UNPACK[key] = torch.tensor(list(lengths), dtype=dtype, device=dev)
+        return t
+    def lengths_array(self, lengths, like, dtype): return self._lengths(lengths, like.device, _DT[dtype])
+    def segment_sum(self, x, lengths):
+        if len(lengths) == 1:
+            return x.sum().reshape(1)
+        return torch.segment_reduce(x, "sum", lengths=self._lengths(lengths, x.device))
+    def segment_amax(self, x, lengths):
+        if len(lengths) == 1:
+            return self.amax(x).reshape(1)
+        return torch.segment_reduce(x, "max", lengths=self._lengths(lengths, x.device))
+    def repeat_segments(self, v, lengths):
+        n = sum(lengths)
+        if x_is_cuda(v):
+            return torch.repeat_interleave(v, self._lengths(lengths, v.device), output_size=n)
+        out = torch.empty(n, dtype=v.dtype, device=v.device)   # CPU: one fill per segment, one pass
+        o = 0
+        for i, m in enumerate(lengths):
+            out[o:o + m] = v[i]
+            o += m
+        return out
 
     def matmul(self, a, b): return a @ b
     def qr(self, a):

@@ -30,6 +30,8 @@ class Ctx:
     size: int
     memo: dict = field(default_factory=dict)   # scratch shared by memory and compressor this step
     loss_scale: float = 1.0                    # the gradients arrive multiplied by this (GradScaler)
+    segments: tuple | None = None   # fused bucket: the member tensors' sizes, in order (else None)
+    members: tuple | None = None    # fused bucket: the member tensors' names, in the same order
 
     def key(self, purpose: str = "", step: int | None = None, name: str | None = None):
         """RNG key from (seed, step, name, purpose): identical on every rank."""
@@ -53,6 +55,14 @@ class Compressor(Configurable):
     # like the model; the rest is per rank) and keys in gradient units (rescaled with the loss scale).
     replicated_state: tuple = ()
     gradient_state: tuple = ()
+    # May a bucket of tensors be compressed as one flat buffer (ctx.name = the bucket's key,
+    # ctx.segments = the members' sizes)? None: per tensor only. "exact": the result is, element
+    # for element, the per-tensor result. "segmented": per-tensor scales are computed over
+    # ctx.segments, so the result equals the per-tensor one up to float rounding of the scales.
+    # "correct": a valid compressor of its own, not the per-tensor result: the method applied to
+    # the bucket as one tensor (one random draw, one selection or one projection per bucket).
+    fusion = None
+    elementwise_cheap = False   # one elementwise kernel per tensor: fusing buys nothing on a CPU
 
     def init_state(self, x, ctx: Ctx) -> dict:
         """Persistent per-tensor state (plain arrays), created on first sight of the tensor."""

@@ -17,6 +17,8 @@ from gradcomp.params import Param
 
 class CastCompressor(Compressor):
     summable = True
+    fusion = "exact"
+    elementwise_cheap = True
     wire_dtype = "float16"
     params = {"prescale": Param(float, 1.0, "multiply before the cast, divide after", lo=0.0, lo_open=True)}
 

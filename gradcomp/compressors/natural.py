@@ -27,6 +27,7 @@ class NaturalCompressor(Compressor):
     name = "natural"
     summable = False
     default_memory = "none"
+    fusion = "correct"          # elementwise; a fused bucket draws its random bits per bucket
     paper = "Horvath et al. Natural Compression for Distributed Deep Learning. arXiv:1905.10988"
     params = {}
 

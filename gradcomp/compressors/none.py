@@ -6,6 +6,8 @@ class NoneCompressor(Compressor):
     name = "none"
     summable = True
     lossless = True
+    fusion = "exact"
+    elementwise_cheap = True
     paper = "dense data-parallel SGD"
 
     def compress(self, x, state, ctx):

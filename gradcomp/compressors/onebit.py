@@ -11,9 +11,11 @@ quantization error is fed back into the next step:
     e   <- p - C(p)                               (memory `residual`)
 
 An empty side has mean 0. Not summable: decoded payloads are averaged. Wire: 8 + ceil(n/8) bytes.
+A fused bucket of T tensors keeps the per-tensor means (segmented sums): [a+ of each tensor,
+a- of each tensor] and the bucket's sign bits, 8T + ceil(n/8) bytes.
 """
 from gradcomp.compressors.base import Compressor
-from gradcomp.compressors.signs import compute_dtype, neg_bits
+from gradcomp.compressors.signs import compute_dtype, neg_bits, segmented, spread
 
 
 class OneBitCompressor(Compressor):
@@ -22,6 +24,7 @@ class OneBitCompressor(Compressor):
     default_memory = "residual"
     paper = ("Seide et al. 1-Bit Stochastic Gradient Descent and its Application to Data-Parallel "
              "Distributed Training of Speech DNNs. Interspeech 2014")
+    fusion = "segmented"
     params = {}
 
     def compress(self, x, state, ctx):
@@ -29,18 +32,25 @@ class OneBitCompressor(Compressor):
         neg = neg_bits(x)
         x64 = b.cast(x, "float64")                    # float64 sums: the same float32 on every backend
         zero = b.zeros_like(x64)                      # masked entries are +0.0 (x * 0 could give -0.0)
-        n_neg = b.sum(b.cast(neg, "float64"))
-        s_neg = b.sum(b.where(neg, x64, zero))
-        s_pos = b.sum(b.where(neg, zero, x64))
-        a_pos = s_pos / b.maximum(ctx.numel - n_neg, 1.0)
+        if segmented(ctx):
+            seg = ctx.segments
+            total = lambda v: b.segment_sum(v, seg)   # noqa: E731
+            count = b.lengths_array(seg, x, "float64")
+        else:
+            total, count = b.sum, float(ctx.numel)
+        n_neg = total(b.cast(neg, "float64"))
+        s_neg = total(b.where(neg, x64, zero))
+        s_pos = total(b.where(neg, zero, x64))
+        a_pos = s_pos / b.maximum(count - n_neg, 1.0)
         a_neg = s_neg / b.maximum(n_neg, 1.0)
-        scales = b.cast(b.cat([b.reshape(a_pos, (1,)), b.reshape(a_neg, (1,))]), "float32")
+        scales = b.cast(b.cat([b.reshape(a_pos, (-1,)), b.reshape(a_neg, (-1,))]), "float32")
         return [scales, b.packbits(neg)], None
 
     def decompress(self, payload, info, ctx):
         b, dt = ctx.backend, compute_dtype(ctx)
         sc = b.cast(payload[0], dt)
-        a_pos, a_neg = b.reshape(b.slice(sc, 0, 1), ()), b.reshape(b.slice(sc, 1, 2), ())
+        t = b.numel(sc) // 2
+        a_pos, a_neg = spread(b, b.slice(sc, 0, t), ctx), spread(b, b.slice(sc, t, 2 * t), ctx)
         negf = b.cast(b.unpackbits(payload[1], ctx.numel), dt)
         return (1 - negf) * a_pos + negf * a_neg      # one term is exactly 0: no rounding
 

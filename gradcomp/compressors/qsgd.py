@@ -35,6 +35,12 @@ class QSGDCompressor(Compressor):
     }
 
     @property
+    def fusion(self):
+        """A fused bucket is quantized in `bucket`-entry chunks of the concatenation (a chunk may
+        span two tensors) with the bucket's private draws; bucket=0 (one norm per tensor) is not fused."""
+        return "correct" if self.bucket > 0 else None
+
+    @property
     def bits(self) -> int:
         """Bits per entry on the wire."""
         return 8 if self.levels >= 64 else (2 * self.levels).bit_length()

@@ -26,6 +26,7 @@ def stratified_indices(b, key, n: int, k: int, like):
 class RandomKCompressor(Compressor):
     name = "randomk"
     summable = True
+    fusion = "correct"          # a fused bucket: k = ratio * (bucket size) strata over the bucket
     paper = "Stich, Cordonnier, Jaggi. Sparsified SGD with Memory. NeurIPS 2018"
     params = {
         "ratio": Param(float, 0.01, "fraction of entries kept", lo=0.0, hi=1.0, lo_open=True),

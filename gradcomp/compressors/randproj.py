@@ -126,6 +126,12 @@ def payload_len(n: int, k: int, c: int) -> int:
 class RandProjCompressor(Compressor):
     name = "randproj"
     summable = True
+
+    @property
+    def fusion(self):
+        """layout=flat: a fused bucket's chunks are projected by the step's basis; layout=channel
+        needs each tensor's own shape, so it stays per tensor."""
+        return "correct" if self.layout == "flat" else None
     paper = ("Random-projection gradient compression with a Sequential Update Method "
              "(linear, allreduce-compatible; 57x-919x on image classification)")
     params = {

@@ -23,6 +23,7 @@ from gradcomp.params import Param
 class RBGSCompressor(Compressor):
     name = "rbgs"
     summable = True
+    fusion = "correct"          # a fused bucket: one block of the bucket per step
     paper = "Shi, Zhao, Xie, Gao, Li. Global Momentum Compression for Sparse Communication. arXiv 1905.12948"
     params = {
         "ratio": Param(float, 0.01, "fraction of entries kept (one contiguous block)",

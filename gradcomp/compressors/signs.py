@@ -27,6 +27,18 @@ def compute_dtype(ctx) -> str:
     return "float64" if ctx.dtype == "float64" else "float32"
 
 
+# --------------------------------------------------------------------------- fused buckets
+def segmented(ctx) -> bool:
+    """Is this a fused bucket of several tensors (per-tensor scales over ctx.segments)?"""
+    return ctx.segments is not None and len(ctx.segments) > 1
+
+
+def spread(b, v, ctx):
+    """Per-tensor values v (one per segment) broadcast over the entries: v as a 0-d array for a
+    single tensor, else each v_i repeated over its segment."""
+    return b.repeat_segments(v, ctx.segments) if segmented(ctx) else b.reshape(v, ())
+
+
 # --------------------------------------------------------------------------- sign bits
 def neg_bits(x):
     """1-D bool array: True where x < 0."""
@@ -128,6 +140,12 @@ class SignVoteCompressor(Compressor):
             raise ValueError(f"{self.kind} {self.name!r}: parameter scale={self.scale!r} is not valid; expected "
                              "mean or a positive number")
 
+    @property
+    def fusion(self):
+        """Elementwise sign and vote: a fused bucket only saves pad bits; scale=mean keeps one
+        mean per tensor (segmented sums), sent as the bucket's T float32 scales."""
+        return "exact" if self._fixed is not None else "segmented"
+
     def signal(self, x, state, ctx):
         return x, None
 
@@ -137,25 +155,28 @@ class SignVoteCompressor(Compressor):
         bits = pack_signs(b, y)
         if self._fixed is not None:
             return [bits], info
+        if segmented(ctx):
+            sums = b.segment_sum(b.abs(b.cast(y, "float64")), ctx.segments)
+            return [b.cast(sums / b.lengths_array(ctx.segments, y, "float64"), "float32"), bits], info
         return [scalar_to_wire(b, b.mean_abs(b.cast(y, "float64"))), bits], info
 
-    def _scaled(self, b, out, scales, dt):
+    def _scaled(self, b, out, scales, dt, ctx):
         if self._fixed is not None:
             return out * self._fixed if self._fixed != 1.0 else out
-        total = scalar_from_wire(b, scales[0], dt)
+        total = b.cast(scales[0], dt)
         for p in scales[1:]:
-            total = total + scalar_from_wire(b, p, dt)
-        return out * (total * (1.0 / len(scales)))
+            total = total + b.cast(p, dt)
+        return out * spread(b, total * (1.0 / len(scales)), ctx)
 
     def decompress(self, payload, info, ctx):
         b, dt = ctx.backend, compute_dtype(ctx)
         out = unpack_signs(b, payload[-1], ctx.numel, dt)
-        return self._scaled(b, out, payload[:-1], dt)
+        return self._scaled(b, out, payload[:-1], dt, ctx)
 
     def aggregate(self, gathered, info, ctx):
         b, dt = ctx.backend, compute_dtype(ctx)
         out = majority_vote(b, [p[-1] for p in gathered], ctx.numel, dt)
-        return self._scaled(b, out, [p[0] for p in gathered] if self._fixed is None else [], dt)
+        return self._scaled(b, out, [p[0] for p in gathered] if self._fixed is None else [], dt, ctx)
 
     def ratio_of(self, numel):
         return 4 * numel / ((numel + 7) // 8 + (4 if self._fixed is None else 0))

@@ -9,11 +9,13 @@ Optional gradient clipping (Sec. 3.3, `clip` = c, 0 = off): before ternarizing,
 x_i <- clip(x_i, -c * sigma, c * sigma) with sigma the standard deviation of x (the paper uses
 c = 2.5); this shrinks s and the variance, and T is then unbiased for the clipped gradient.
 Wire: [s as float32, packbits(b), packbits(x < 0)]: 2 bits per entry plus 4 bytes (~16x).
-Not summable (per-rank scale). No error feedback in the paper: default memory none.
+Not summable (per-rank scale). No error feedback in the paper: default memory none. A fused
+bucket keeps s (and sigma) per tensor by segmented reductions and sends the T scales; its
+Bernoulli draws come from the bucket's private stream.
 """
 from gradcomp.compressors.base import Compressor
-from gradcomp.compressors.signs import (compute_dtype, neg_bits, private_uniform, scalar_from_wire,
-                                        scalar_to_wire, unpack_signs)
+from gradcomp.compressors.signs import (compute_dtype, neg_bits, private_uniform, scalar_to_wire, segmented,
+                                        spread, unpack_signs)
 from gradcomp.params import Param
 
 
@@ -22,27 +24,36 @@ class TernGradCompressor(Compressor):
     summable = False
     default_memory = "none"
     paper = "Wen et al. TernGrad: Ternary Gradients to Reduce Communication in Distributed Deep Learning. NeurIPS 2017"
+    fusion = "correct"          # per-tensor scales (segmented), but the bucket's own random draws
     params = {"clip": Param(float, 0.0, "clip to +-clip*std(x) first (paper: 2.5; 0 = off)", lo=0.0)}
 
     def compress(self, x, state, ctx):
         b, dt = ctx.backend, compute_dtype(ctx)
+        seg = segmented(ctx)
         if self.clip > 0:
             x64 = b.cast(x, "float64")
-            mean = b.sum(x64) * (1.0 / ctx.numel)
-            var = b.sum((x64 - mean) * (x64 - mean)) * (1.0 / ctx.numel)
-            c = b.cast(b.sqrt(var) * self.clip, dt)
+            if seg:                                   # fused bucket: per-tensor mean and deviation
+                inv_n = 1.0 / b.lengths_array(ctx.segments, x, "float64")
+                mean = spread(b, b.segment_sum(x64, ctx.segments) * inv_n, ctx)
+                var = b.segment_sum((x64 - mean) * (x64 - mean), ctx.segments) * inv_n
+                c = spread(b, b.cast(b.sqrt(var) * self.clip, dt), ctx)
+            else:
+                mean = b.sum(x64) * (1.0 / ctx.numel)
+                var = b.sum((x64 - mean) * (x64 - mean)) * (1.0 / ctx.numel)
+                c = b.cast(b.sqrt(var) * self.clip, dt)
             x = b.minimum(b.maximum(x, -c), c)
-        s32 = scalar_to_wire(b, b.amax(b.abs(x)))
+        ax = b.abs(x)
+        s32 = b.cast(b.segment_amax(ax, ctx.segments), "float32") if seg else scalar_to_wire(b, b.amax(ax))
         s64 = b.cast(s32, "float64")
-        inv = b.cast(1.0 / b.where(s64 > 0, s64, b.zeros_like(s64) + 1), dt)   # (1,): one rounding on every backend
-        p = b.abs(x) * b.reshape(inv, ())
+        inv = b.cast(1.0 / b.where(s64 > 0, s64, b.zeros_like(s64) + 1), dt)   # one rounding on every backend
+        p = ax * spread(b, inv, ctx)
         keep = private_uniform(ctx, "terngrad", ctx.numel, x, dt) < p
         return [s32, b.packbits(keep), b.packbits(neg_bits(x))], None
 
     def decompress(self, payload, info, ctx):
         b, dt, n = ctx.backend, compute_dtype(ctx), ctx.numel
         keep = b.cast(b.unpackbits(payload[1], n), dt)
-        return keep * unpack_signs(b, payload[2], n, dt) * scalar_from_wire(b, payload[0], dt)
+        return keep * unpack_signs(b, payload[2], n, dt) * spread(b, b.cast(payload[0], dt), ctx)
 
     def ratio_of(self, numel):
         return 4 * numel / (4 + 2 * ((numel + 7) // 8))

@@ -16,6 +16,11 @@ mode=sampled DGC's sampled threshold (Lin et al. 2018, sec. 3.4), made exact in 
              to the exact selection, so the payload always has exactly k entries. Cost: one read of
              x plus O(s + |C|) work, against the O(n log k) of a full top-k. Tensors too small to
              gain (n < 65536, or s > n/4) and traced TF graphs use the exact path.
+scope=tensor  k = ratio * n per tensor (each tensor sends its own top ratio).
+scope=bucket  the pipeline fuses a bucket (gradcomp/fusion.py) and keeps the k = ratio * (bucket
+              size) largest entries of the whole bucket: a global top-k, so a layer of small
+              gradients may send nothing for a while (its residual keeps it) and one with large
+              gradients more; one selection per bucket instead of one per tensor.
 Indices are sent sorted (ascending): the payload bytes are the same on every backend.
 Not summable (each rank picks its own indices): payloads are allgathered.
 """
@@ -33,7 +38,12 @@ class TopKCompressor(SparseCompressor):
         "sample": Param(float, 0.01, "sampled mode: fraction of entries sampled", lo=0.0, hi=1.0, lo_open=True),
         "slack": Param(float, 0.8, "sampled mode: threshold multiplier (<1 keeps more candidates)",
                        lo=0.0, hi=1.0, lo_open=True),
+        "scope": Param(str, "tensor", "top-k per tensor, or over each fused bucket", choices=("tensor", "bucket")),
     }
+
+    @property
+    def fusion(self):
+        return "correct" if self.scope == "bucket" else None
 
     def select(self, x, k, ctx):
         """Sorted int64 indices of the k largest |x| (exact, or by the sampled threshold)."""

@@ -19,6 +19,7 @@ class Memory(Configurable):
     # measured in gradient units, rescaled when the loss scale changes (GradScaler).
     replicated_state: tuple = ()
     gradient_state: tuple = ()
+    fusable = False               # elementwise, so a fused bucket may run it once on its flat buffer?
 
     def init_state(self, x, ctx) -> dict:
         return {}

@@ -58,6 +58,7 @@ class GMCMemory(MomentumOwner, Memory):
     name = "gmc"
     replicated_state = ("global",)                # the last global step; the residual is per rank
     gradient_state = ("residual", "global")
+    fusable = True                # elementwise: a fused bucket's flat state is the per-name states
     paper = "Shi, Zhao, Xie, Gao, Li. Global Momentum Compression for Sparse Communication. arXiv 1905.12948"
     params = {
         "momentum": Param(float, 0.9, "global momentum beta (an SGD optimizer's momentum replaces it)",

@@ -6,6 +6,7 @@ class NoMemory(Memory):
     name = "none"
     needs_local_decode = False
     reads_inputs = False
+    fusable = True                # elementwise: a fused bucket's flat state is the per-name states
 
     def compensate(self, g, state, ctx):
         return g

@@ -13,6 +13,7 @@ from gradcomp.params import Param
 class ResidualMemory(Memory):
     name = "residual"
     gradient_state = ("residual",)           # per rank
+    fusable = True                # elementwise: a fused bucket's flat state is the per-name states
     params = {
         "beta": Param(float, 1.0, "weight of the carried residual", lo=0.0, hi=1.0),
         "gamma": Param(float, 1.0, "weight of the new gradient", lo=0.0, lo_open=True),
