@@ -19,9 +19,9 @@ from conftest import f64, load, need_backend, to_np, world
 
 SHAPES = {"conv": (4, 3, 3, 3), "fc": (33, 17), "bias": (17,), "scale": (), "emb": (300,)}
 # compressors whose fused path must reproduce the per-tensor one (bytes: same, or fewer pad bits)
-EXACT = ["none", "fp16", "bf16", "signsgd", "signum", "threshold:threshold=0.5", "efsignsgd", "onebit"]
-SAME_BYTES = {"none", "fp16", "bf16", "threshold"}
-CORRECT = ["randomk:ratio=0.25", "rbgs:ratio=0.25", "randproj:ratio=4", "natural", "qsgd", "terngrad",
+EXACT = ["none", "fp16", "bf16", "signsgd", "signum", "signsgd:scale=1", "efsignsgd", "onebit"]
+SAME_BYTES = {"none", "fp16", "bf16"}
+CORRECT = ["threshold:threshold=0.5", "randomk:ratio=0.25", "rbgs:ratio=0.25", "randproj:ratio=4", "natural", "qsgd", "terngrad",
            "terngrad:clip=2.5", "topk:ratio=0.1,scope=bucket"]
 
 

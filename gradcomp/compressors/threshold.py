@@ -18,7 +18,7 @@ from gradcomp.params import Param
 class ThresholdCompressor(SparseCompressor):
     name = "threshold"
     variable_size = True
-    fusion = "exact"            # elementwise selection: a fused bucket keeps the same entries
+    fusion = "correct"          # the same entries pass, but the dense fallback is decided per bucket
     paper = "Strom. Scalable Distributed DNN Training Using Commodity GPU Cloud Computing. Interspeech 2015"
     params = {"threshold": Param(float, 0.01, "keep entries with |x| >= threshold", lo=0.0, lo_open=True)}
 
