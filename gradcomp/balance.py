@@ -262,7 +262,7 @@ class RankTimeReport:
 
     compute[r]: from the step's first micro-batch to the end of rank r's last backward pass.
     wait[r]:    from there until its averaged gradient was ready (waiting at the collective for the
-                slowest rank, plus the transfer not hidden behind backward).
+                slowest rank, plus the transfer not hidden behind backward and the decoding).
     spread:     max_r compute[r] - min_r compute[r]; wait_frac[r] = wait[r] / (compute[r] + wait[r]).
     """
 

@@ -137,6 +137,21 @@ def test_balancer_every_threshold_warmup_resize_state():
         gb.LoadBalancer(4, 2, every=0)
 
 
+def test_balancer_follows_a_rank_that_slows_down_later():
+    """A noisy neighbour appears on rank 0 after 20 steps (3x slower): the split moves back towards rank 1."""
+    bal = gb.LoadBalancer(30, 2, every=5, smoothing=0.5, warmup=1)
+    speed = [1.0, 0.5]
+    history = []
+    for step in range(60):
+        if step == 20:
+            speed = [1.0 / 3.0, 0.5]
+        bal.observe([bal.shares[r] * 0.01 / speed[r] for r in range(2)])
+        history.append(bal.shares)
+    assert history[19] == (20, 10)                     # 2:1 while rank 1 is the slow one
+    assert history[-1] == (12, 18)                     # then 2:3, after rank 0 slowed to a third
+    assert bal.changes >= 2
+
+
 # --------------------------------------------------------------------------- weighted averaging
 SAMPLES = (1, 3, 4)         # per rank; N = 8, P = 3: weights 3/8, 9/8, 12/8 are exact binary fractions
 
