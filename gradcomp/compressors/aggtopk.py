@@ -41,6 +41,7 @@ from gradcomp.params import Param
 
 class AggTopKCompressor(Compressor):
     name = "aggtopk"
+    replicated_state = ("score",)            # next step's chunk scores: the sum over ranks
     summable = True
     graph_safe = False
     paper = ("ours, after Wang, Liu, Wu. Communication Usage Optimization of Gradient Sparsification with "

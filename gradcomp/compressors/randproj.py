@@ -125,6 +125,8 @@ def payload_len(n: int, k: int, c: int) -> int:
 
 class RandProjCompressor(Compressor):
     name = "randproj"
+    replicated_state = ("ref",)              # the shared reference gradient, built from reduced payloads
+    gradient_state = ("ref",)
     summable = True
 
     @property

@@ -43,6 +43,14 @@ class DenseWarmup(Compressor):
             raise AttributeError(key)
         return getattr(self.inner, key)
 
+    @property
+    def replicated_state(self):              # state classes (gradcomp/state.py): the inner compressor's
+        return self.inner.replicated_state
+
+    @property
+    def gradient_state(self):
+        return self.inner.gradient_state
+
     def spec(self) -> str:
         s = self.inner.spec()
         return s + ("," if ":" in s else ":") + f"warmup={self.warmup}"

@@ -18,6 +18,7 @@ from gradcomp.params import Param
 
 class LowPassMemory(Memory):
     name = "lowpass"
+    gradient_state = ("residual",)           # per rank
     params = {"beta": Param(float, 1.0, "filter weight of the new error (1 = plain error feedback)",
                             lo=0.0, hi=1.0, lo_open=True)}
 
