@@ -200,7 +200,10 @@ class CheckpointMixin:
 
     def gathered_state_dict(self) -> dict:
         """Collective (call on every rank): state_dict() holding every rank's part, so one file
-        written by rank 0 restores every rank exactly (see the module docstring)."""
+        written by rank 0 restores every rank exactly (see the module docstring). It is an allgather:
+        every rank holds all parts for a moment (under a periodic policy that is world-size copies of
+        the parameters and optimizer state); where that is too much, let every rank save its own
+        state_dict() instead."""
         sd = self.state_dict()
         raw = np.frombuffer(dumps(sd["gradcomp"]["ranks"][self.comm.rank]), dtype=np.uint8).copy()
         parts = self.comm.allgather(raw, name="gathered_state_dict").wait()

@@ -367,6 +367,7 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
             self.inner.step()
             self._policy.after_step(self._step, self._view)
             self._step += 1
+            self._loaded_checkpoint = None      # kept by load_state_dict for broadcast_optimizer_state only
             self._reset_step_state()
         return loss
 

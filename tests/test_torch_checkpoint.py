@@ -443,3 +443,16 @@ def test_ddp_hook_grad_scaler_keeps_residual_meaning():
     amp = gradcomp.LocalWorld(N, timeout=60).run(fn, True)
     for x, y in zip(plain, amp):
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+
+
+def test_loaded_checkpoint_is_not_kept_after_the_next_step():
+    def fn(comm):
+        m, opt = build(comm)
+        train(m, opt, comm, range(2))
+        sd = opt.gathered_state_dict()
+        opt.load_state_dict(sd)
+        kept = opt._loaded_checkpoint is not None
+        train(m, opt, comm, [2])
+        return kept, opt._loaded_checkpoint is None
+
+    assert gradcomp.LocalWorld(N, timeout=60).run(fn) == [(True, True)] * N
