@@ -106,6 +106,7 @@ class GradientSync:
         self._scale, self._adopt_rep = {}, {}     # loss scale of each tensor's state; replicated state to adopt
         self._step = 0
         self._stats = traffic.new_counters()     # plain numbers: they checkpoint (gradcomp/traffic.py)
+        self._union_pending = []                 # union sizes still on the device (read when reported)
         self._buckets: list[_Bucket] = []
         self._checked = False
         if fuse not in ("auto", True, False):
@@ -384,13 +385,13 @@ class GradientSync:
             raise
         self._stats["bytes_meta"] += meta
         for e in skipped:                   # sent, though nobody had a gradient: the traffic counts
-            traffic.account(self._stats, comp, e)
+            traffic.account(self._stats, comp, e, self._union_pending)
         for e, mem, cst in commits:
             if e.members is None:
                 self._mem[e.name], self._cst[e.name] = mem, cst
             else:
                 self._fused.commit(e, mem, cst, self._mem, self._cst, keep=nobody)
-            traffic.account(self._stats, comp, e)
+            traffic.account(self._stats, comp, e, self._union_pending)
         self._step += 1
         return out
 
@@ -409,6 +410,7 @@ class GradientSync:
     def stats(self) -> dict:
         """Bytes sent/received, per-rank wire traffic under the collective used, ratio against dense
         allreduce at this number of ranks, union size U/k of sparsifiers: see gradcomp/traffic.py."""
+        traffic.flush(self._stats, self._union_pending)
         return traffic.report(self._stats, self.comm.size, self._step)
 
     def residual(self, name):
@@ -417,6 +419,7 @@ class GradientSync:
         return st.get("residual")
 
     def state_dict(self) -> dict:
+        traffic.flush(self._stats, self._union_pending)
         return {"version": 1, "step": self._step, "seed": self.seed, "compressor": self.compressor.spec(),
                 "memory": self.memory.spec(), "rank": self.comm.rank, "stats": dict(self._stats),
                 "shapes": {k: list(v) for k, v in self._shapes.items()}, "work_dtypes": dict(self._work),
@@ -487,6 +490,7 @@ class GradientSync:
                              "load_replicated_state_dict()")
         self._step = int(sd["step"])
         self._stats = {k: v if isinstance(v, float) else int(v) for k, v in sd.get("stats", {}).items()} or self._stats
+        self._union_pending = []
         self._shapes = {k: tuple(v) for k, v in sd.get("shapes", {}).items()}
         self._work = dict(sd.get("work_dtypes", {}))
         self._mem = {k: dict(v) for k, v in sd.get("memory_state", {}).items()}

@@ -75,8 +75,10 @@ def new_counters() -> dict:
     return {k: 0 for k in COUNTERS}
 
 
-def account(stats: dict, comp, e):
-    """Add one committed entry (gradcomp.pipeline._Entry) of one step to `stats`."""
+def account(stats: dict, comp, e, pending: list | None = None):
+    """Add one committed entry (gradcomp.pipeline._Entry) of one step to `stats`. A union size
+    still on the device is appended to `pending` (if given) instead of being read now: no host
+    synchronisation per tensor; `flush(stats, pending)` adds them all with one read."""
     ctx = e.ctx
     b, p, r = ctx.backend, ctx.size, ctx.rank
     from gradcomp.backend.base import ITEMSIZE
@@ -102,9 +104,24 @@ def account(stats: dict, comp, e):
     if u is not None:
         size_u, kept = u
         if not isinstance(size_u, (int, float)):
-            size_u = b.item(size_u)
+            if pending is not None:
+                pending.append((b, size_u))
+                size_u = 0
+            else:
+                size_u = b.item(size_u)
         stats["union"] = stats.get("union", 0) + int(size_u)
         stats["union_kept"] = stats.get("union_kept", 0) + kept
+
+
+def flush(stats: dict, pending: list):
+    """Add the device-side union sizes collected by account(..., pending) to stats (one host read
+    per backend and device) and empty `pending`."""
+    groups: dict = {}
+    for b, v in pending:
+        groups.setdefault((id(b), str(b.device(v))), (b, []))[1].append(b.reshape(b.cast(v, "float64"), (1,)))
+    for b, vals in groups.values():
+        stats["union"] = stats.get("union", 0) + int(round(b.item(b.sum(b.cat(vals)))))
+    pending.clear()
 
 
 def report(stats: dict, size: int, steps: int) -> dict:
