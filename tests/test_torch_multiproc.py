@@ -110,8 +110,8 @@ def _checks(rc, out, expected):
     assert rc == 0 and "ALL PASS" in out, out[-3000:]
 
 
-CHECKS = ["one_step_none", "resume_per_rank", "resume_gathered", "example_resume", "config_mismatch",
-          "order_mismatch", "local_step_nan", "fp16_sum_overflow", "grad_scaler", "broadcast"]
+CHECKS = ["one_step_none", "resume_per_rank", "resume_gathered", "resume_horovod_idiom", "example_resume",
+          "config_mismatch", "order_mismatch", "local_step_nan", "fp16_sum_overflow", "grad_scaler", "broadcast"]
 
 
 @LAUNCH

@@ -7,6 +7,9 @@ Rank 0 prints "CHECK <name> PASS|FAIL <detail>" per check and "ALL PASS" when al
   resume_per_rank      stop after 3 of 6 steps (topk + momentum), every rank saves its own state_dict to a
                        file, fresh objects load it: the final parameters equal the uninterrupted run's bit for bit
   resume_gathered      the same through one file written by rank 0 (gathered_state_dict)
+  resume_horovod_idiom localsgd (cut between syncs) + randomk: rank 0 alone loads one gathered file
+                       (save_checkpoint/load_checkpoint), then broadcast_parameters and
+                       broadcast_optimizer_state: every rank continues exactly (its own part travels)
   example_resume       examples/torch_train.py: 2 epochs vs 1 epoch + --resume, same checksum
   config_mismatch      rank 1 asks for another compressor: ConfigMismatchError on every rank
   order_mismatch       rank 1's optimizer holds the same parameters in reverse order: ConfigMismatchError
@@ -97,6 +100,41 @@ def resume(comm, a, gathered):
     exact = torch.equal(flat(full), flat(resumed))
     moved = not torch.equal(flat(full), flat(make_model()))
     return exact and moved, f"bitwise equal: {exact}"
+
+
+def resume_horovod_idiom(comm, a):
+    def build():
+        m = make_model()
+        opt = gct.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                       named_parameters=m.named_parameters(), compressor="randomk:ratio=0.3",
+                                       sync="localsgd:period=4", comm=comm)
+        return m, opt
+
+    def train(m, opt, steps):
+        for s in steps:
+            opt.zero_grad()
+            loss_of(m, s, comm.rank).backward()
+            opt.step()
+
+    full, fo = build()
+    train(full, fo, range(6))
+    m, opt = build()
+    train(m, opt, range(3))
+    path = os.path.join(a.tmpdir, "ck_idiom.pt")
+    sd = opt.gathered_state_dict()
+    if comm.rank == 0:
+        gct.save_checkpoint({"model": m.state_dict(), "opt": sd}, path)
+    comm.barrier()
+    m2, opt2 = build()
+    if comm.rank == 0:
+        ck = gct.load_checkpoint(path)
+        m2.load_state_dict(ck["model"])
+        opt2.load_state_dict(ck["opt"])
+    gct.broadcast_parameters(m2.state_dict(), root_rank=0, comm=comm)
+    gct.broadcast_optimizer_state(opt2, root_rank=0, comm=comm)
+    train(m2, opt2, range(3, 6))
+    exact = torch.equal(flat(full), flat(m2))
+    return exact, f"bitwise equal: {exact}, steps {opt2._step}"
 
 
 def example_resume(comm, a):
@@ -208,6 +246,7 @@ CHECKS = {
     "one_step_none": one_step_none,
     "resume_per_rank": lambda c, a: resume(c, a, False),
     "resume_gathered": lambda c, a: resume(c, a, True),
+    "resume_horovod_idiom": resume_horovod_idiom,
     "example_resume": example_resume,
     "config_mismatch": config_mismatch,
     "order_mismatch": order_mismatch,
