@@ -21,7 +21,10 @@ shared with other work, a burst of load then spoils one round instead of one met
   gradcomp SPEC     gradcomp_torch.DistributedOptimizer(compressor=SPEC): overlapped, bucketed
   gradcomp sync P   the same optimizer with sync policy P (no gradient exchange between syncs)
 Bytes are those this rank hands to collectives in the timed steps (counted by wrapping the
-communicator), per step. Throughput = N * batch / step time (samples/s over all ranks); scaling
+communicator), per step; for gradcomp methods also GradientSync.stats() over the timed steps (see
+gradcomp/traffic.py): wire_MB = per-rank wire bytes sent under the collective's ring algorithm,
+recv_MB = bytes received from the other ranks, ratio = dense ring allreduce / wire_MB at this number
+of ranks, U/k = union of the sparsifiers' selections over k. Throughput = N * batch / step time (samples/s over all ranks); scaling
 efficiency = throughput_N / (N * throughput_1) = step_time(1 rank) / step_time(N ranks), weak
 scaling with the same per-rank batch; vs_dense = step_time(dense allreduce) / step_time(method).
 """
@@ -41,8 +44,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETLAB = os.path.join(REPO, "mpi", "netlab")
 COLUMNS = ["model", "network", "ranks", "method", "step_ms", "samples_s", "efficiency", "MB_per_step",
-           "vs_dense", "rounds_ms", "status"]
-COMPRESSORS = ["none", "fp16", "topk", "randomk", "randproj", "sketch", "powersgd", "signsgd", "qsgd", "dgc"]
+           "wire_MB", "recv_MB", "ratio", "U/k", "vs_dense", "rounds_ms", "status"]
+COMPRESSORS = ["none", "fp16", "topk", "randomk", "randproj", "sketch", "powersgd", "signsgd", "qsgd", "dgc",
+               "gtopk", "scalecom", "aggtopk"]
 POLICIES = ["localsgd:period=4", "da:period=4", "da-pipelined:period=4", "slowmo:period=4"]
 
 
@@ -53,7 +57,7 @@ def method_list(smoke: bool, only: str = "") -> list[dict]:
     out = [{"label": "dense allreduce (MPI fp32)", "kind": "dense"},
            {"label": "horovod dense", "kind": "horovod", "compression": "none"},
            {"label": "horovod fp16", "kind": "horovod", "compression": "fp16"}]
-    names = ["none", "fp16", "topk"] if smoke else COMPRESSORS
+    names = ["none", "fp16", "topk"] if smoke and not only else COMPRESSORS   # --methods picks from all
     for name in names:
         spec, why = resolve_spec(name)
         out.append({"label": f"gradcomp {spec or name}", "kind": "gradcomp", "compressor": spec or name,
@@ -178,6 +182,7 @@ def _run_method(m, a, torch, workloads, init, x, y, loss_fn, world, gc_comm, gc_
                 barrier()
                 if counter is not None:
                     counter.nbytes = 0
+                st0 = opt.stats() if m["kind"] == "gradcomp" else None
                 t0 = time.perf_counter()
             ts = time.perf_counter()
             opt.zero_grad()
@@ -194,8 +199,15 @@ def _run_method(m, a, torch, workloads, init, x, y, loss_fn, world, gc_comm, gc_
             cleanup()
     sent = counter.nbytes / a.steps if counter is not None else (fixed_bytes or 0)
     timed = sorted(times[a.warmup:])
-    return {"step_ms": 1e3 * total / a.steps, "median_ms": 1e3 * timed[len(timed) // 2],
-            "bytes_per_step": sent, "loss": float(loss.detach()), "status": "ok"}
+    out = {"step_ms": 1e3 * total / a.steps, "median_ms": 1e3 * timed[len(timed) // 2],
+           "bytes_per_step": sent, "loss": float(loss.detach()), "status": "ok"}
+    if st0 is not None:           # gradcomp's own accounting (gradcomp/traffic.py) over the timed steps
+        st = opt.stats()
+        d = {k: st.get(k, 0) - st0.get(k, 0) for k in ("wire_sent", "wire_dense", "bytes_recv", "union", "union_kept")}
+        out.update(wire_per_step=d["wire_sent"] / a.steps, recv_per_step=d["bytes_recv"] / a.steps,
+                   ratio=d["wire_dense"] / d["wire_sent"] if d["wire_sent"] else None,
+                   union_k=d["union"] / d["union_kept"] if d["union_kept"] else None)
+    return out
 
 
 def make_optimizer(m, model, base, world, gc_comm, gc_err, numel):
@@ -483,6 +495,9 @@ def _row(g, model, network, ranks, batch, step1, dense, label=None):
         r["rounds_ms"] = " ".join(map(str, g.get("rounds_ms", [])))
         r["samples_s"] = 1e3 * ranks * batch / g["step_ms"]
         r["MB_per_step"] = g.get("bytes_per_step", 0) / 1e6
+        if "wire_per_step" in g:
+            r.update({"wire_MB": g["wire_per_step"] / 1e6, "recv_MB": g["recv_per_step"] / 1e6, "ratio": g["ratio"],
+                      "U/k": g["union_k"]})
         if step1:
             r["efficiency"] = step1 / g["step_ms"]
         if dense:
