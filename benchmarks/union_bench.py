@@ -22,8 +22,10 @@ import copy
 import json
 import os
 import sys
+import threading
 import time
 
+_BUILD = threading.Lock()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ["task", "ranks", "seed", "method", "memory", "steps", "metric", "final", "U/k", "U/k_last_epoch",
            "payload_B_per_step", "wire_B_per_step", "ratio", "payload_ratio", "vs_topk_wire"]
@@ -45,8 +47,13 @@ def _rank(comm, a, methods):
     args = ["--task", a.task, "--no-progress", "--seed", str(a.seed)]
     if a.task == "lm":
         args += ["--batch-size", str(a.lm_batch), "--max-vocab", str(a.max_vocab)]
+        if a.data:
+            args += ["--data", os.path.join(a.data, "wikitext2-valid.txt"),
+                     "--eval-data", os.path.join(a.data, "wikitext2-test.txt")]
     opts = tt.parse_args(args)
-    task = (tt.LMTask if a.task == "lm" else tt.DigitsTask)(opts, comm)
+    with _BUILD:                       # the ranks are threads: seed the global generator one at a time
+        torch.manual_seed(opts.seed)
+        task = (tt.LMTask if a.task == "lm" else tt.DigitsTask)(opts, comm)
     if a.task == "lm" and a.test_tokens:
         task.test = task.test[:, :max(2, a.test_tokens // task.test.shape[0])]
     gct.broadcast_parameters(task.model.state_dict(), root_rank=0, comm=comm)
@@ -129,6 +136,7 @@ def main(argv=None):
     p.add_argument("--lm-batch", type=int, default=8)
     p.add_argument("--max-vocab", type=int, default=10000)
     p.add_argument("--test-tokens", type=int, default=20000)
+    p.add_argument("--data", default="", help="lm: folder with wikitext2-valid.txt / -test.txt (default: the example's)")
     p.add_argument("--seed", type=int, default=0, help="data shards, initial weights")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait")
     p.add_argument("--out", default="results/union")

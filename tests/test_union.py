@@ -271,3 +271,23 @@ def test_framework_backends_match_numpy_at_four_ranks(backend, spec):
         for a, b in zip(ra, ga):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
         assert rs == gs
+
+
+def test_scalecom_with_several_leaders_sends_every_leaders_top_entries_once():
+    """leaders=4 at 4 ranks, k=8: slots of 2; rank r's top-2 are {r, 20} (20 is hot everywhere)."""
+    n, k, size = 40, 8, 4
+
+    def fn(comm):
+        sync = gradcomp.GradientSync(f"scalecom:ratio={k / n},leaders=4", comm=comm, memory="none")
+        x = np.random.default_rng(comm.rank).standard_normal(n).astype(np.float32) * 0.01
+        x[comm.rank], x[20] = 5.0, 9.0
+        out = f64(sync.step({"w": x})["w"])
+        return f64(x), out, sync.stats()
+
+    res = world(size, fn)
+    want_idx = [0, 1, 2, 3, 20]                              # duplicates of 20 removed: U = 5 <= k
+    want = np.zeros(n)
+    want[want_idx] = np.sum([x[want_idx] for x, _, _ in res], axis=0) / size
+    for _, avg, st in res:
+        np.testing.assert_allclose(avg, want, rtol=1e-6, atol=1e-7)
+        assert st["union"] == 5 and st["union_kept"] == k

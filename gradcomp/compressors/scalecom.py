@@ -11,16 +11,20 @@ For one tensor at step t, with P ranks and k = ratio * n:
     round 2:  every rank sends x_r[I] (k values); allreduce sums them
     decode:   D(v) = sum_j v_j e_{I_j}            linear: the average is D(sum_r x_r[I]) / P
 
-The union of the selections is exactly k (U/k = 1), and both rounds are summable, so the traffic is
-independent of P apart from the ring factor 2 (P-1)/P. Indices travel as `ceil(log2(n) / 8)` bytes
-each (uint8 planes: 2 bytes for tensors under 65536 entries, 3 under 2**24), which an allreduce
-delivers exactly because only the leader's bytes are non-zero. The index round is a broadcast carried
-by allreduce (what the pipeline's summable path issues); a dedicated broadcast would move
-about half as many index bytes per rank, and the traffic model (benchmarks/traffic_model.py) shows both.
+With L = 1 (the paper) the union is exactly k (U/k = 1). With `leaders` = L > 1 (OURS, not in the
+paper) the leaders are l, l+1, ..., l+L-1 (mod P); k is split into L near-equal slots, leader i sends
+its top-k_i indices in slot i, and round 2 sends the values at the union of the slots (duplicates
+removed, so U <= k): several ranks' largest entries get through every step instead of one rank's.
+Both rounds are summable, so the traffic is independent of P apart from the ring factor 2 (P-1)/P.
+Indices travel as `ceil(log2(n) / 8)` bytes each (uint8 planes: 2 bytes for tensors under 65536
+entries, 3 under 2**24), which an allreduce delivers exactly because only the slot owner's bytes
+are non-zero. The index round is a broadcast carried by allreduce (what the pipeline's summable path
+issues); a dedicated broadcast would move about half as many index bytes per rank, and the traffic
+model (benchmarks/traffic_model.py) shows both.
 
-Default memory: `lowpass` (ScaleCom's low-pass filtered error feedback, beta set there; beta=1 is
-plain error feedback). Not traceable inside tf.function (the leader depends on the step as a Python
-number): gradcomp_tf runs it on the eager island path.
+Default memory: `lowpass` with beta = 1, i.e. plain error feedback; ScaleCom's filter is
+`memory="lowpass:beta=B"` with B in (0, 1) (docs/benchmarks.md compares them). Not traceable inside tf.function (the leader depends on the step as a Python number): gradcomp_tf runs
+it on the eager island path.
 """
 from __future__ import annotations
 
@@ -62,24 +66,41 @@ class ScaleComCompressor(Compressor):
     summable = True
     rounds = 2
     graph_safe = False
-    default_memory = "lowpass:beta=1.0"
+    default_memory = "lowpass"
     paper = "Chen et al. ScaleCom: Scalable Sparsified Gradient Compression. NeurIPS 2020"
-    params = {"ratio": Param(float, 0.01, "fraction of entries kept (the leader's top-k)", lo=0.0, hi=1.0,
-                             lo_open=True)}
+    params = {
+        "ratio": Param(float, 0.01, "fraction of entries kept (the leaders' top-k)", lo=0.0, hi=1.0, lo_open=True),
+        "leaders": Param(int, 1, "ranks whose top indices are used (1: ScaleCom; more: ours, k split over them)",
+                         lo=1),
+    }
+
+    def slots(self, k: int, size: int) -> list[int]:
+        """Index slots of the leaders: k split into min(leaders, size) near-equal parts."""
+        nl = max(1, min(self.leaders, size))
+        return [k // nl + (1 if i < k % nl else 0) for i in range(nl)]
 
     def compress(self, x, state, ctx):
         b, n = ctx.backend, ctx.numel
         k = k_of(self.ratio, n)
         lead = leader_of(ctx.step, ctx.name, ctx.size)
-        if ctx.rank == lead:
-            packed = pack_indices(b, b.sort(b.topk_abs(x, k)), n)
+        slots = self.slots(k, ctx.size)
+        pos = (ctx.rank - lead) % max(1, ctx.size)         # leaders are lead, lead + 1, ... (cyclic)
+        if pos < len(slots) and slots[pos]:
+            mine = b.sort(b.topk_abs(x, slots[pos]))
+            off = sum(slots[:pos])
+            parts = ([b.zeros(off, "int64", x)] if off else []) + [mine] + \
+                ([b.zeros(k - off - slots[pos], "int64", x)] if k - off - slots[pos] else [])
+            packed = pack_indices(b, b.cat(parts) if len(parts) > 1 else mine, n)
         else:
             packed = b.zeros(k * index_bytes(n), "uint8", x)
         return [packed], {"x": x, "k": k, "leader": lead}
 
     def next_round(self, reduced, info, state, ctx):
-        b = ctx.backend
-        idx = unpack_indices(b, reduced[0], ctx.numel, info["k"])
+        b, n = ctx.backend, ctx.numel
+        idx = unpack_indices(b, reduced[0], n, info["k"])
+        if len(self.slots(info["k"], ctx.size)) > 1:      # several leaders may pick the same index: dedup
+            hits = b.scatter_add(n, idx, b.zeros(info["k"], "float32", idx) + 1.0)
+            idx = b.nonzero(b.greater_equal(hits, 0.5))
         info["idx"] = idx
         return [b.gather(info.pop("x"), idx)], info
 
@@ -87,7 +108,7 @@ class ScaleComCompressor(Compressor):
         return ctx.backend.scatter(ctx.numel, info["idx"], payload[0])
 
     def union(self, reduced, info, ctx):
-        return info["k"], info["k"]
+        return ctx.backend.numel(info["idx"]), info["k"]
 
     def ratio_of(self, numel):
         k = k_of(self.ratio, numel)
