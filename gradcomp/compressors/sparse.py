@@ -36,8 +36,11 @@ class SparseCompressor(Compressor):
         return b.scatter_add(ctx.numel, idx, vals) * (1.0 / len(gathered))
 
     def union(self, gathered, info, ctx):
-        """(distinct indices over all ranks' payloads, mean entries per rank)."""
+        """(distinct indices over all ranks' payloads, mean entries per rank); a tensor sent dense
+        counts all its n entries."""
         b = ctx.backend
+        if any(len(p) < 2 for p in gathered):        # sent dense (dgc's 1-D tensors): all n entries
+            return ctx.numel, ctx.numel
         idx = [p[1] for p in gathered]
         kept = sum(b.numel(i) for i in idx) / len(idx)
         idx = b.cast(b.cat(idx), "int64")
