@@ -263,6 +263,11 @@ class CheckpointMixin:
             if n not in names or int(np.prod(shape)) != int(np.prod(names[n])):
                 raise ValueError(f"checkpoint holds gradcomp state for {n!r} of shape {list(shape)}, which this "
                                  "model does not have; resume with the same model")
+        for n, st in part.get("sync", {}).get("memory_state", {}).items():
+            for k, v in (st or {}).items():     # residuals and momenta: one value per entry of the tensor
+                if torch.is_tensor(v) and n in names and v.numel() != int(np.prod(names[n])):
+                    raise ValueError(f"checkpoint's {k!r} state of {n!r} has {v.numel()} values, the parameter "
+                                     f"{int(np.prod(names[n]))}; the checkpoint does not belong to this model")
         groups = sd.get("param_groups")
         own = self.inner.param_groups
         if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != [len(g["params"]) for g in own]:
