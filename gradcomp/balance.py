@@ -24,9 +24,11 @@ contribution. A majority vote of signs (signsgd/signum) ignores magnitudes, and 
 
 Load balancing (our rule, after VirtualFlow's heterogeneous assignment). Every rank measures the
 seconds it spent computing its virtual workers in a step; the ranks allreduce a vector in which
-each fills only its own slot, so every rank receives bit-identical numbers (`exchange`). Each
-rank's seconds per virtual worker are smoothed by an exponential moving average; every `every`
-steps the V virtual workers are re-assigned to minimise the predicted step time max_r s_r * t_r
+each fills only its own slot, so every rank receives bit-identical numbers (`exchange_start`). Over
+each window of `every` steps a rank's seconds per virtual worker are averaged (its compute seconds
+over the virtual workers it ran), the window averages are smoothed by an exponential moving average
+(weight `smoothing` on the previous estimate), and at the end of each window the V virtual
+workers are re-assigned to minimise the predicted step time max_r s_r * t_r
 (units handed out one at a time to the rank that would finish it earliest, ties to the lower rank;
 optimal for this min-max with unit-sized work), at least `min_units` each, and the new split is
 adopted only if it predicts a step at least `threshold` (a fraction) faster. The arithmetic is plain
@@ -185,6 +187,7 @@ class LoadBalancer:
         self.estimate = None          # smoothed seconds per virtual worker, per rank
         self.seen = 0                 # steps observed since the last resize
         self.changes = 0
+        self._window = ([0.0] * size, [0] * size)   # compute seconds and virtual workers since the last evaluation
 
     def due(self) -> bool:
         """True if the next observe() re-evaluates the split (it then needs the newest timings)."""
@@ -200,16 +203,22 @@ class LoadBalancer:
         self.seen += 1
         if self.seen <= self.warmup:
             return False
-        per = [s / n if n else None for s, n in zip(sec, shares)]
+        wsec, wunits = self._window
+        for r, (x, n) in enumerate(zip(sec, shares)):
+            if n > 0 and math.isfinite(x) and x >= 0:
+                wsec[r] += x
+                wunits[r] += int(n)
+        if (self.seen - self.warmup) % self.every:
+            return False
+        per = [x / n if n and x > 0 else None for x, n in zip(wsec, wunits)]
+        self._window = ([0.0] * self.size, [0] * self.size)
         if self.estimate is None:
-            self.estimate = [x if x is not None and x > 0 else None for x in per]
+            self.estimate = per
         else:
             a = self.smoothing
-            self.estimate = [old if x is None or not x > 0 else (x if old is None else a * old + (1.0 - a) * x)
+            self.estimate = [old if x is None else (x if old is None else a * old + (1.0 - a) * x)
                              for old, x in zip(self.estimate, per)]
-        if not self.enabled or (self.seen - self.warmup) % self.every:
-            return False
-        return self._rebalance()
+        return self._rebalance() if self.enabled else False
 
     def _rebalance(self) -> bool:
         est = self.estimate
@@ -227,7 +236,8 @@ class LoadBalancer:
 
     def state_dict(self) -> dict:
         return {"units": self.units, "size": self.size, "shares": list(self.shares), "seen": self.seen,
-                "changes": self.changes, "estimate": None if self.estimate is None else list(self.estimate)}
+                "changes": self.changes, "estimate": None if self.estimate is None else list(self.estimate),
+                "window": [list(self._window[0]), list(self._window[1])]}
 
     def load_state_dict(self, sd: dict):
         if int(sd["units"]) != self.units:
@@ -237,6 +247,8 @@ class LoadBalancer:
             return
         self.shares = tuple(int(x) for x in sd["shares"])
         self.seen, self.changes = int(sd["seen"]), int(sd.get("changes", 0))
+        w = sd.get("window") or ([0.0] * self.size, [0] * self.size)
+        self._window = ([float(x) for x in w[0]], [int(x) for x in w[1]])
         self.estimate = None if sd.get("estimate") is None else [None if x is None else float(x)
                                                                  for x in sd["estimate"]]
 
