@@ -44,7 +44,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETLAB = os.path.join(REPO, "mpi", "netlab")
 COLUMNS = ["model", "network", "ranks", "method", "step_ms", "samples_s", "efficiency", "MB_per_step",
-           "wire_MB", "recv_MB", "ratio", "U/k", "vs_dense", "rounds_ms", "status"]
+           "wire_MB", "recv_MB", "ratio", "U/k", "vs_dense", "rounds_ms", "breakdown_ms", "status"]
+# gradcomp's own time per step on rank 0 (gradcomp/timing.py), in this order
+BREAKDOWN = (("compensate", "comp"), ("compress", "enc"), ("wait", "wait"), ("decode", "dec"),
+             ("update", "upd"), ("python", "py"))
 COMPRESSORS = ["none", "fp16", "topk", "randomk", "randproj", "sketch", "powersgd", "signsgd", "qsgd", "dgc",
                "gtopk", "scalecom", "aggtopk"]
 POLICIES = ["localsgd:period=4", "da:period=4", "da-pipelined:period=4", "slowmo:period=4"]
@@ -161,6 +164,8 @@ def _worker(argv):
                 with open(a.out, "a") as f:
                     f.write(json.dumps(res) + "\n")
                 shown = f"{res['step_ms']:.0f} ms/step" if "step_ms" in res else res.get("status", "")
+                if "breakdown_ms" in res:
+                    shown += f" [gradcomp ms/step: {res['breakdown_ms']}]"
                 print(f"[cluster {a.model} {size} ranks] round {rnd + 1}/{a.rounds} {i + 1}/{len(methods)} "
                       f"{m['label']}: {shown} ({time.time() - t_start:.0f}s)", file=sys.stderr, flush=True)
 
@@ -176,6 +181,7 @@ def _run_method(m, a, torch, workloads, init, x, y, loss_fn, world, gc_comm, gc_
     if status:
         return {"status": status}
     times = []
+    gs = getattr(opt, "_gs", None)              # gradcomp's GradientSync: its phase timer
     try:
         for step in range(a.warmup + a.steps):
             if step == a.warmup:
@@ -183,6 +189,8 @@ def _run_method(m, a, torch, workloads, init, x, y, loss_fn, world, gc_comm, gc_
                 if counter is not None:
                     counter.nbytes = 0
                 st0 = opt.stats() if m["kind"] == "gradcomp" else None
+                if gs is not None:
+                    gs.timer.reset()
                 t0 = time.perf_counter()
             ts = time.perf_counter()
             opt.zero_grad()
@@ -207,6 +215,9 @@ def _run_method(m, a, torch, workloads, init, x, y, loss_fn, world, gc_comm, gc_
         out.update(wire_per_step=d["wire_sent"] / a.steps, recv_per_step=d["bytes_recv"] / a.steps,
                    ratio=d["wire_dense"] / d["wire_sent"] if d["wire_sent"] else None,
                    union_k=d["union"] / d["union_kept"] if d["union_kept"] else None)
+    if gs is not None and gs.timer.steps:
+        rep = gs.timer.report()
+        out["breakdown_ms"] = " ".join(f"{short}={rep[k]:.0f}" for k, short in BREAKDOWN)
     return out
 
 
@@ -493,6 +504,7 @@ def _row(g, model, network, ranks, batch, step1, dense, label=None):
     if g.get("status") == "ok":
         r["step_ms"] = g["step_ms"]
         r["rounds_ms"] = " ".join(map(str, g.get("rounds_ms", [])))
+        r["breakdown_ms"] = g.get("breakdown_ms", "")
         r["samples_s"] = 1e3 * ranks * batch / g["step_ms"]
         r["MB_per_step"] = g.get("bytes_per_step", 0) / 1e6
         if "wire_per_step" in g:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradcomp import fusion, registry, traffic
+from gradcomp.timing import PhaseTimer, now
 from gradcomp.backend import get_backend
 from gradcomp.comm.base import check_consistent
 from gradcomp.comm.single import SingleCommunicator
@@ -107,6 +108,7 @@ class GradientSync:
         self._step = 0
         self._stats = traffic.new_counters()     # plain numbers: they checkpoint (gradcomp/traffic.py)
         self._union_pending = []                 # union sizes still on the device (read when reported)
+        self.timer = PhaseTimer()                # host time per phase (gradcomp/timing.py)
         self._buckets: list[_Bucket] = []
         self._checked = False
         if fuse not in ("auto", True, False):
@@ -152,6 +154,7 @@ class GradientSync:
         n_r samples each rank processed (gradcomp.balance). absent: names this rank has no gradient
         for (zeros passed in their place); every rank must pass it or none must (see the module
         docstring). loss_scale: the factor the gradients carry (GradScaler's scale; None = 1)."""
+        t_start = now()
         if not isinstance(named_grads, dict):
             raise TypeError("GradientSync expects a dict {name: gradient array}")
         weight = _check_weight(weight)
@@ -177,6 +180,7 @@ class GradientSync:
             bucket.flag = self.comm.allreduce(flag, name="nonfinite")
         self._launch(bucket, [e for e in entries if e.numel_ok])
         self._buckets.append(bucket)
+        self.timer.add("start", now() - t_start)
 
     def _admit(self, name, g, donate=False, scale=1.0, weight=1.0):
         """Check one gradient and flatten it into its working dtype (an _Entry, nothing compressed)."""
@@ -245,7 +249,10 @@ class GradientSync:
     def _encode(self, e, mem_state, cst_state, private):
         b, ctx = e.ctx.backend, e.ctx
         e.mem_state, e.cst_state = mem_state, cst_state
+        t0 = now()
         e.x = self.memory.compensate(e.g, mem_state, ctx)
+        t1 = now()
+        self.timer.add("compensate", t1 - t0)
         try:
             payload, e.info = self.compressor.compress(e.x, cst_state, ctx)
         except Exception:
@@ -256,6 +263,7 @@ class GradientSync:
                 raise
             payload, e.info = self.compressor.compress(b.zeros_like(e.x), cst_state, ctx)
         e.payload = _payload_list(payload)
+        self.timer.add("compress", now() - t1)
         e.sent_bytes = sum(b.nbytes(p) for p in e.payload)
         # May the transport sum a payload that is the (flattened) gradient in place? Only if nothing
         # reads the gradient afterwards and it is ours: donated by the caller, or a private cast copy.
@@ -293,7 +301,9 @@ class GradientSync:
     def _collect(self, bucket):
         """Wait for the bucket's collectives and hand each entry its reduced or gathered payload."""
         for kind, h, layout in bucket.handles:
+            t0 = now()
             res = h.wait()
+            self.timer.add("wait", now() - t0)
             if kind == "allreduce":
                 for (e, i, _), part in zip(layout, res):
                     if e.reduced is None:
@@ -318,6 +328,7 @@ class GradientSync:
 
     def finish(self) -> dict:
         """Wait for every started bucket, decode, commit state; returns {name: averaged gradient}."""
+        t_finish = now()
         buckets, self._buckets = self._buckets, []
         comp = self.compressor
         try:
@@ -362,6 +373,7 @@ class GradientSync:
                     if not e.numel_ok:
                         out[e.name] = b.reshape(b.cast(e.g, e.dtype), e.shape)
                         continue
+                    t0 = now()
                     if comp.summable:
                         avg = comp.decompress(e.reduced, e.info, e.ctx)
                         if e.ctx.size > 1:
@@ -370,8 +382,11 @@ class GradientSync:
                     else:
                         avg = comp.aggregate(e.gathered, e.info, e.ctx)
                     local = comp.decompress(e.payload, e.info, e.ctx) if self.memory.needs_local_decode else None
+                    t1 = now()
                     mem = self.memory.update(e.g, e.x, local, avg, e.mem_state, e.ctx)
                     avg = self.memory.output(avg, mem, e.ctx)
+                    self.timer.add("decode", t1 - t0)
+                    self.timer.add("update", now() - t1)
                     commits.append((e, mem, comp.new_state(e.info, e.cst_state, e.ctx)))
                     if e.members is None:
                         out[e.name] = b.reshape(b.cast(avg, e.dtype), e.shape)
@@ -393,6 +408,8 @@ class GradientSync:
                 self._fused.commit(e, mem, cst, self._mem, self._cst, keep=nobody)
             traffic.account(self._stats, comp, e, self._union_pending)
         self._step += 1
+        self.timer.steps += 1
+        self.timer.add("finish", now() - t_finish)
         return out
 
     def _check_outputs(self, out):
