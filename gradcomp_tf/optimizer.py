@@ -13,6 +13,9 @@ from its get_config(), like Horovod's wrapper), so Keras treats it as that optim
       -> policy.sync_gradients(step)? -> GradientSync: compress, fused collective, decode, average
       -> policy.before_step -> clip -> weight decay -> the inner update_step -> policy.after_step
 
+Without accumulation the rest of the step depends on the averaged gradients, so a step refused with
+NonFiniteGradientError changes no variable (Keras' `iterations` included), eagerly or traced.
+
 `backward_passes_per_step=N` uses Keras' own `gradient_accumulation_steps=N`: N local passes are
 averaged, and only every N-th apply() communicates. With `model.compile(jit_compile=True)` Keras
 XLA-compiles the whole train step including this optimizer; XLA cannot run the host transport
@@ -28,6 +31,7 @@ from __future__ import annotations
 import warnings
 
 import keras
+import tensorflow as tf
 
 from gradcomp.momentum import hand_over, owners, refuse
 from gradcomp_tf.checkpoint import GradcompState
@@ -54,6 +58,19 @@ class _DistributedMixin:
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         ex = self.gradcomp_exchange        # (a list attribute on a Keras optimizer would be tracked)
+        if not self.gradient_accumulation_steps:
+            # Average first, and make every later op of the step (the update, EMA, and Keras'
+            # iteration counter) depend on the result: a step the exchange refuses (NaN/Inf on any
+            # rank) then changes no variable, not even `iterations`, also inside tf.function.
+            # (With accumulation the average runs in Keras' update branch, via _clip_gradients.)
+            grads = self.gradcomp_average(grads, trainable_variables)
+            if tf.executing_eagerly():
+                return super()._backend_apply_gradients(grads, trainable_variables)
+            with tf.control_dependencies([g for g in grads if g is not None]):
+                # apply() increments `iterations` after this method returns; automatic control
+                # dependencies order that after this no-op on the same variable, hence after the exchange
+                self._iterations.assign_add(0)
+                return super()._backend_apply_gradients(grads, trainable_variables)
         ex.active_vars = list(trainable_variables)
         try:
             return super()._backend_apply_gradients(grads, trainable_variables)
