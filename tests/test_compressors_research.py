@@ -367,27 +367,28 @@ def test_randproj_reference_decode_is_affine_and_summable_with_a_nonzero_referen
                                rtol=0, atol=1e-4)
 
 
-def test_randproj_reference_is_the_same_on_every_rank_and_averages_the_aggregate():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_randproj_reference_is_the_same_on_every_rank_and_averages_the_aggregate(fuse):
     """ratio=1 makes P the identity: a_{t+1} = a_t + alpha (mean_r g_r - a_t) exactly, bit-identical
-    on every rank although each rank compresses different data."""
+    on every rank although each rank compresses different data (per tensor and in a fused bucket)."""
     alpha, steps, size = 0.25, 4, 3
 
     def fn(comm):
-        sync = gradcomp.GradientSync(f"randproj:ratio=1,ref={alpha}", memory="none", comm=comm, seed=1)
+        sync = gradcomp.GradientSync(f"randproj:ratio=1,ref={alpha}", memory="none", comm=comm, seed=1, fuse=fuse)
         rng = np.random.default_rng([1, comm.rank])
         refs, gs = [], []
         for _ in range(steps):
-            g = rng.standard_normal((6, 5)).astype(np.float32)
-            gs.append(f64(g).ravel())
-            sync.step({"w": g})
-            refs.append(np.array(sync._cst["w"]["ref"], copy=True))
+            g = {"w": rng.standard_normal((6, 5)).astype(np.float32), "v": rng.standard_normal(7).astype(np.float32)}
+            gs.append(np.concatenate([f64(g["w"]).ravel(), f64(g["v"])]))
+            sync.step(g)
+            refs.append(np.concatenate([np.array(sync._cst[k]["ref"], copy=True).ravel() for k in ("w", "v")]))
         return refs, gs
 
     res = world(size, fn)
     for r in range(1, size):
         for t in range(steps):
             np.testing.assert_array_equal(res[r][0][t], res[0][0][t])
-    a = np.zeros(30)
+    a = np.zeros(37)
     for t in range(steps):
         mean = np.mean([res[r][1][t] for r in range(size)], axis=0)
         a = a + alpha * (mean - a)
