@@ -504,6 +504,15 @@ def test_fp16_overflow_of_finite_gradients_raises_on_every_rank_and_keeps_state(
         np.testing.assert_array_equal(nxt, np.ones(8, np.float32))
 
 
+def test_bool_seed_and_complex_gradients_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"seed=True is not valid; expected an int"):
+        gct.Exchange("none", None, gradcomp.SingleCommunicator(), sync="allreduce", seed=True)
+    ex = gct.Exchange("none", None, gradcomp.SingleCommunicator(), sync="allreduce")
+    z = tf.Variable(tf.complex(tf.ones([3]), tf.zeros([3])))
+    with pytest.raises(TypeError, match="has dtype complex64.*complex gradients are not supported"):
+        ex.average([tf.ones([3], tf.complex64)], [z])
+
+
 def test_nan_on_a_local_step_raises_on_every_rank_and_changes_nothing():
     """da averages no gradients on local steps, but NaN on one rank still stops every rank there:
     weights and optimizer variables (momentum) stay as they were, and training goes on in step."""
