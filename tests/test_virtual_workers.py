@@ -78,7 +78,7 @@ def test_virtual_workers_arguments(monkeypatch):
     opt.set_step_share(2, 0.5)                      # between steps: fine
 
 
-CHECKS = ["v2_bit_exact", "v4_fp64", "balanced_same", "report", "example_v2"]
+CHECKS = ["v2_bit_exact", "v4_fp64", "balanced_same", "report", "example_v2", "benchmark_run"]
 
 
 @LAUNCH

@@ -13,6 +13,8 @@ Rank 0 prints "CHECK <name> PASS|FAIL <detail>" per check and "ALL PASS" when al
   report            the rank-time report is identical on both ranks and records rank 1's delay
   example_v2        examples/torch_train.py --virtual-workers 2 (digits CNN, float32, 1 epoch): the 2-rank
                     model's checksum equals the 1-rank run's
+  benchmark_run     benchmarks/load_balance.py's run (1 epoch, balanced, 1 ms delay): the report covers every
+                    step after --skip and the model equals the 1-rank one within float32 rounding
 """
 import argparse
 import os
@@ -131,8 +133,22 @@ def example_v2(comm, a):
     return ok, f"checksums {one['checksum']} (1 rank) {two['checksum']} (2 ranks), acc {two['acc']:.1f}"
 
 
+def benchmark_run(comm, a):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import common_data
+    import load_balance
+    args = load_balance.parse(["--epochs", "1", "--skip", "2", "--every", "2", "--delay", "0.001"])
+    data = tuple(torch.from_numpy(v) for v in common_data.digits(0))
+    one = load_balance.run(args, gradcomp.SingleCommunicator(), data, balance=False, compressor="none", delay=0.0)
+    two = load_balance.run(args, comm, data, balance=True, compressor="none", delay=args.delay)
+    err = float((one["params"] - two["params"]).abs().max())
+    s = two["stats"]["summary"]
+    ok = s["steps"] == two["steps"] == 6 and err < 1e-5 and "wait_%" in two["table"]
+    return ok, f"steps {s['steps']}, shares {two['shares']}, max err {err:.1e}"
+
+
 CHECKS = {"v2_bit_exact": v2_bit_exact, "v4_fp64": v4_fp64, "balanced_same": balanced_same, "report": report,
-          "example_v2": example_v2}
+          "example_v2": example_v2, "benchmark_run": benchmark_run}
 
 
 def main():
