@@ -382,6 +382,26 @@ def test_nonfinite_average_raises_on_every_rank_and_keeps_params():
     assert gradcomp.LocalWorld(2, timeout=30).run(body) == [True, True]
 
 
+@pytest.mark.parametrize("policy", ["localsgd:period=1", "da:period=1"])
+def test_float16_parameters_near_the_top_of_their_range_average_to_a_finite_value(policy):
+    """Two ranks' float16 4e4 sum to 8e4 (beyond 65504): the mean must be taken before the cast back,
+    for the parameters and for the momentum buffers."""
+    def body(comm):
+        p = {"w": np.full(4, 4e4 + 8 * comm.rank, np.float16)}
+        opt = NumpySGD(p, 0.1, momentum=0.9)
+        view = NumpyParams(p, opt)
+        pol = gradcomp.create(policy, "sync").bind(comm)
+        pol.before_step(0, view)
+        opt.step({"w": np.full(4, -4e4, np.float16)})      # x = 4.4e4 (+8 on rank 1), momentum -4e4
+        pol.after_step(0, view)
+        pol.flush()
+        return p["w"], opt.buf["w"]
+    for w, buf in gradcomp.LocalWorld(2, timeout=30).run(body):
+        assert np.all(np.isfinite(w)) and np.all(np.abs(w - 4.4e4) < 40), w
+        if policy.startswith("da"):                          # the momentum buffers were averaged too
+            assert np.all(buf == np.float16(-4e4)), buf
+
+
 def test_parameters_in_another_order_raise_config_mismatch_on_every_rank():
     """The parameter exchange fuses tensors by position: a permuted model must not be averaged."""
     def body(comm):

@@ -37,6 +37,7 @@ import numpy as np
 from gradcomp import registry
 from gradcomp.backend import get_backend
 from gradcomp.comm.base import Handle, check_consistent
+from gradcomp.finite import local_nonfinite
 from gradcomp.params import Param, check_seed
 from gradcomp.pipeline import NonFiniteGradientError, PayloadOverflowError, unsupported_dtype
 from gradcomp.sync.base import SyncPolicy
@@ -47,8 +48,9 @@ _WIRE = {"float16": "float32", "bfloat16": "float32"}
 class _FusedHandle(Handle):
     """Waits for the per-dtype allreduces and returns the summed arrays in the original order/shapes."""
 
-    def __init__(self, groups, count):
+    def __init__(self, groups, count, average=0, size=1):
         self.groups, self.count, self._out = groups, count, None
+        self.average, self.size = average, size
 
     def wait(self):
         if self._out is None:
@@ -57,6 +59,8 @@ class _FusedHandle(Handle):
                 total = h.wait()
                 parts = b.split(total, [n for _, n, _, _ in items]) if len(items) > 1 else [total]
                 for (i, _, shape, dt), p in zip(items, parts):
+                    if i < self.average and self.size > 1:    # divide in the wire dtype, then cast back:
+                        p = p * (1.0 / self.size)              # two float16 4e4 average to 4e4, not inf
                     out[i] = b.reshape(b.cast(p, dt), shape)
             self._out = out
         return self._out
@@ -65,13 +69,14 @@ class _FusedHandle(Handle):
         return all(h.done() for h, _, _ in self.groups)
 
     def nonfinite(self) -> float:
-        """Count of non-finite values in the summed buffers (after wait())."""
-        self.wait()
-        return sum(b.item(b.count_nonfinite(h.wait())) for h, b, _ in self.groups)
+        """Count of non-finite values in the results, in the arrays' own dtypes (after wait())."""
+        return sum(b.item(c) for b, c in local_nonfinite(self.wait()))
 
 
-def fused_allreduce(comm, arrays, name: str) -> _FusedHandle:
-    """Issue the element-wise sum over ranks of `arrays`, one allreduce per exchange dtype.
+def fused_allreduce(comm, arrays, name: str, average: int = 0) -> _FusedHandle:
+    """Issue the element-wise sum over ranks of `arrays`, one allreduce per exchange dtype; the
+    first `average` arrays come back divided by the number of ranks (the mean), computed in the
+    exchange dtype before the cast back to their own.
 
     The flattened arrays are copied into a fresh buffer, so the caller may change them at once.
     """
@@ -87,7 +92,7 @@ def fused_allreduce(comm, arrays, name: str) -> _FusedHandle:
         buf = b.cat(flats) if len(flats) > 1 else b.copy(flats[0])
         h = comm.allreduce(buf, name=f"{name}.{wire}")
         handles.append((h, b, [(i, b.numel(x), tuple(b.shape(x)), dt) for i, _, x, dt in items]))
-    return _FusedHandle(handles, len(arrays))
+    return _FusedHandle(handles, len(arrays), average, comm.size)
 
 
 def as_like(a, ref):
@@ -187,7 +192,8 @@ class PeriodicPolicy(SyncPolicy):
         if presence is not None:
             agreed = [n for n, c in zip(names, counts) if c > self.comm.size - 0.5]
             if agreed:
-                h = fused_allreduce(self.comm, [view.momentum(n) for n in agreed], name=f"sync{self._syncs}.momentum")
+                h = fused_allreduce(self.comm, [view.momentum(n) for n in agreed], name=f"sync{self._syncs}.momentum",
+                                    average=len(agreed))
                 self._pending = (h, view, agreed)
                 if not self.pipelined:
                     t0 = time.perf_counter()
@@ -204,14 +210,13 @@ class PeriodicPolicy(SyncPolicy):
             if presence is not None:
                 wire = _WIRE.get(b.dtype(params[0]), b.dtype(params[0]))
                 extra = [b.from_numpy(np.asarray(presence, dtype=wire), params[0])]
-            h = fused_allreduce(self.comm, list(params) + extra, name=f"{tag}.params")
-            sums = h.wait()
+            h = fused_allreduce(self.comm, list(params) + extra, name=f"{tag}.params", average=len(params))
+            means = h.wait()
             bad = h.nonfinite()
             if bad:
                 raise self._diverged(f"the parameter average has {int(bad)} non-finite value(s)", params)
-            counts = [float(v) for v in b.to_numpy(sums[-1])] if presence is not None else None
-            scale = 1.0 / size
-            return {n: (s * scale if size > 1 else s) for n, s in zip(names, sums)}, counts
+            counts = [float(v) for v in b.to_numpy(means[-1])] if presence is not None else None
+            return dict(zip(names, means)), counts
         hp = None
         if presence is not None:
             hp = self.comm.allreduce(b.from_numpy(np.asarray(presence, dtype=np.float32), params[0]),
@@ -247,12 +252,11 @@ class PeriodicPolicy(SyncPolicy):
         h, view, names = self._pending
         self._pending = None
         t0 = time.perf_counter()
-        sums = h.wait()
+        means = h.wait()
         if count:
             self._times["momentum_wait_s"] += time.perf_counter() - t0
-        size = self.comm.size
-        for n, s in zip(names, sums):
-            view.set_momentum(n, s * (1.0 / size) if size > 1 else s)
+        for n, m in zip(names, means):
+            view.set_momentum(n, m)
 
     # ------------------------------------------------------------------ hooks for subclasses
     def outer_update(self, names, avg: dict) -> dict:
