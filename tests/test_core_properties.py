@@ -155,7 +155,7 @@ def test_sampled_topk_keeps_95_percent_of_exact_magnitude(backend, ratio, seed, 
     g = realistic_gradient(n, seed)
     x = make_array(g, backend, "float32")
     k = k_of(ratio, n)
-    exact = load(f"topk:ratio={ratio}")
+    exact = load(f"topk:ratio={ratio},mode=exact")
     sampled = load(f"topk:ratio={ratio},mode=sampled")
     ctx = make_ctx(b, "layer", n, step=seed)
     (ev, ei), _ = compress_once(exact, x, ctx)

@@ -22,7 +22,7 @@ SHAPES = {"conv": (4, 3, 3, 3), "fc": (33, 17), "bias": (17,), "scale": (), "emb
 EXACT = ["none", "fp16", "bf16", "signsgd", "signum", "signsgd:scale=1", "efsignsgd", "onebit"]
 SAME_BYTES = {"none", "fp16", "bf16"}
 CORRECT = ["threshold:threshold=0.5", "randomk:ratio=0.25", "rbgs:ratio=0.25", "randproj:ratio=4", "natural", "qsgd", "terngrad",
-           "terngrad:clip=2.5", "topk:ratio=0.1,scope=bucket"]
+           "terngrad:clip=2.5", "topk:ratio=0.1,scope=bucket", "gtopk:ratio=0.1,scope=bucket"]
 
 
 def _grads(rng, backend="numpy"):

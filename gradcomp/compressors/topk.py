@@ -3,6 +3,9 @@ Sparsified SGD with Memory, NeurIPS 2018; Lin et al., Deep Gradient Compression,
 
     C(x) = (x_I, I),  I = argtop_k |x_i|,   D(v, I) = sum_i v_i e_I(i)
 
+mode=auto    (default) sampled on a CPU, exact on an accelerator: the faster of the two on each in the
+             kernel tables of docs/benchmarks.md part 1 (CPU: sampled several times faster than
+             exact; CUDA: torch.topk is faster than the extra passes of the sampled mode).
 mode=exact   selects with the backend's top-k (torch.topk, tf.math.top_k, numpy argpartition).
 mode=sampled DGC's sampled threshold (Lin et al. 2018, sec. 3.4), made exact in the common case:
                1. draw s = max(sample * n, 128 n / k, 2048) entries at random positions, shared
@@ -34,7 +37,8 @@ class TopKCompressor(SparseCompressor):
     paper = "Stich, Cordonnier, Jaggi. Sparsified SGD with Memory. NeurIPS 2018"
     params = {
         "ratio": Param(float, 0.01, "fraction of entries kept", lo=0.0, hi=1.0, lo_open=True),
-        "mode": Param(str, "exact", "selection algorithm", choices=("exact", "sampled")),
+        "mode": Param(str, "auto", "selection algorithm (auto: sampled on a CPU, exact on an accelerator)",
+                      choices=("auto", "exact", "sampled")),
         "sample": Param(float, 0.01, "sampled mode: fraction of entries sampled", lo=0.0, hi=1.0, lo_open=True),
         "slack": Param(float, 0.8, "sampled mode: threshold multiplier (<1 keeps more candidates)",
                        lo=0.0, hi=1.0, lo_open=True),
@@ -49,7 +53,8 @@ class TopKCompressor(SparseCompressor):
         """Sorted int64 indices of the k largest |x| (exact, or by the sampled threshold)."""
         b, n = ctx.backend, ctx.numel
         s = max(int(self.sample * n), (128 * n) // k, 2048)
-        if self.mode == "exact" or n < 65536 or 4 * s > n or b.traced():
+        mode = self.mode if self.mode != "auto" else ("sampled" if b.device(x) == "cpu" else "exact")
+        if mode == "exact" or n < 65536 or 4 * s > n or b.traced():
             return b.sort(b.topk_abs(x, k))
         sidx = rng.randint(b, ctx.key("topk-sample"), s, n, x)
         ks = max(1, int(round(k * s / n)))
