@@ -105,6 +105,7 @@ class GradientSync:
         self.check_finite, self.check_config = check_finite, check_config
         self._mem, self._cst, self._shapes, self._work = {}, {}, {}, {}
         self._scale, self._adopt_rep = {}, {}     # loss scale of each tensor's state; replicated state to adopt
+        self._flushed, self._flushed_size = {}, 1   # residual sums of an elastic flush (gradcomp/elastic.py)
         self._step = 0
         self._stats = traffic.new_counters()     # plain numbers: they checkpoint (gradcomp/traffic.py)
         self._union_pending = []                 # union sizes still on the device (read when reported)
@@ -392,8 +393,9 @@ class GradientSync:
                         out[e.name] = b.reshape(b.cast(avg, e.dtype), e.shape)
                     else:                       # a member no rank had: None, its state untouched
                         out.update({k: None if k in nobody else v for k, v in fusion.split_output(e, avg).items()})
-            if self.check_finite and not (comp.lossless and self.comm.size == 1):   # else: the checked input
-                self._check_outputs(out)
+            flushed = self._add_flushed(out) if self._flushed else ()
+            if self.check_finite and not (comp.lossless and self.comm.size == 1 and not flushed):
+                self._check_outputs(out)        # else: the checked input
         except BaseException:
             for bk in buckets:
                 bk.handles = []
@@ -407,10 +409,27 @@ class GradientSync:
             else:
                 self._fused.commit(e, mem, cst, self._mem, self._cst, keep=nobody)
             traffic.account(self._stats, comp, e, self._union_pending)
+        for n in flushed:
+            self._flushed.pop(n, None)
         self._step += 1
         self.timer.steps += 1
         self.timer.add("finish", now() - t_finish)
         return out
+
+    def _add_flushed(self, out) -> list:
+        """Add a pending elastic flush (gradcomp/elastic.py) to the averages: sum / P_old, in the
+        step's loss-scaled units. Returns the names it was added to (cleared once the step commits)."""
+        done = []
+        for n, s in self._flushed.items():
+            avg = out.get(n)
+            if avg is None:
+                continue
+            b = get_backend(avg)
+            f = _adopt({"f": s}, avg, b)["f"]
+            f = f * (self._scale.get(n, 1.0) / self._flushed_size)
+            out[n] = avg + b.reshape(b.cast(f, b.dtype(avg)), b.shape(avg))
+            done.append(n)
+        return done
 
     def _check_outputs(self, out):
         """NonFiniteGradientError if finite inputs gave non-finite averages (see the module docstring)."""
@@ -442,7 +461,17 @@ class GradientSync:
                 "shapes": {k: list(v) for k, v in self._shapes.items()}, "work_dtypes": dict(self._work),
                 "memory_state": {k: _compact(v) for k, v in self._mem.items()},
                 "compressor_state": {k: _compact(v) for k, v in self._cst.items()},
-                "loss_scale": dict(self._scale)}
+                "loss_scale": dict(self._scale), **self._flushed_state()}
+
+    def _flushed_state(self) -> dict:
+        if not self._flushed:
+            return {}
+        return {"flushed": {k: _compact({"f": v})["f"] for k, v in self._flushed.items()},
+                "flushed_size": self._flushed_size}
+
+    def _load_flushed(self, sd):
+        self._flushed = dict(sd.get("flushed", {}))
+        self._flushed_size = int(sd.get("flushed_size", 1))
 
     def set_state_scale(self, loss_scale: float):
         """Declare that the gradient-unit state held so far is in units of `loss_scale` (nothing is
@@ -488,6 +517,7 @@ class GradientSync:
         self._work = dict(sd.get("work_dtypes", {}))
         self._scale = {k: float(v) for k, v in sd.get("loss_scale", {}).items()}
         self._mem, self._cst, self._adopt_rep = mem, cst, pending
+        self._load_flushed(sd)
 
     def _check_config(self, sd):
         if not isinstance(sd, dict) or "step" not in sd:
@@ -514,12 +544,14 @@ class GradientSync:
         self._cst = {k: dict(v) for k, v in sd.get("compressor_state", {}).items()}
         self._scale = {k: float(v) for k, v in sd.get("loss_scale", {}).items()}
         self._adopt_rep = {}
+        self._load_flushed(sd)
         self._fused = fusion.FusedState()
 
     def reset(self):
         """Forget all residuals and per-tensor state (e.g. after the model or world changed)."""
         self._mem, self._cst, self._shapes, self._work, self._buckets = {}, {}, {}, {}, []
         self._scale, self._adopt_rep = {}, {}
+        self._flushed, self._flushed_size = {}, 1
         self._checked = False
         self._fused = fusion.FusedState()
 
