@@ -9,7 +9,8 @@ the pipeline allgathers with a small size header. Payload: values (x's compute d
 indices (int64 beyond 2**31 entries), i.e. 8 bytes per kept fp32 entry; a rank may send nothing.
 When that would be larger than the dense tensor (more than half the entries kept in fp32), the rank
 sends the dense vector instead (payload [x, no indices]; decoded as x), so a rank never sends more
-than dense. Default memory: residual.
+than dense (not inside a traced TF graph, where payload sizes are unknown until run time).
+Default memory: residual.
 """
 from gradcomp.compressors.sparse import SparseCompressor
 from gradcomp.params import Param
@@ -26,14 +27,14 @@ class ThresholdCompressor(SparseCompressor):
         b = ctx.backend
         idx = b.nonzero(b.greater_equal(b.abs(x), self.threshold))
         vals, ind = self.pack(x, idx, ctx)
-        if b.nbytes(vals) + b.nbytes(ind) > b.nbytes(x):        # sparse would cost more than dense
+        if not b.traced() and b.nbytes(vals) + b.nbytes(ind) > b.nbytes(x):   # sparse would cost more
             ctx.memo.pop("sent_idx", None)
             return [x, b.slice(ind, 0, 0)], None
         return [vals, ind], None
 
     @staticmethod
     def _is_dense(b, p, n):
-        return b.numel(p[1]) == 0 and b.numel(p[0]) == n and n > 0
+        return not b.traced() and b.numel(p[1]) == 0 and b.numel(p[0]) == n and n > 0
 
     def decompress(self, payload, info, ctx):
         if self._is_dense(ctx.backend, payload, ctx.numel):
