@@ -63,6 +63,8 @@ def _rank(comm, a, methods):
         task.model = copy.deepcopy(model0)
         opt = gct.DistributedOptimizer(task.make_optimizer(), named_parameters=task.model.named_parameters(),
                                        compressor=spec, memory=memory or None, comm=comm, seed=0)
+        if hasattr(task, "attach"):        # the example's task hooks its optimizer (virtual workers: off)
+            task.attach(opt)
         per_step, steps, state, prev = [], 0, None, opt.stats()
         epochs_steps = []
         for epoch in range(a.epochs):

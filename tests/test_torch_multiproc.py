@@ -9,6 +9,7 @@ recipe (8 epochs, SGD lr 0.3 without momentum, cosine decay, 32 images per rank 
 and must end within 2 points of the dense (`none`) run. The specs below are chosen for this 38k-
 parameter model and ~180 steps; where they differ from the defaults, the reason:
   topk ratio=0.1, randomk ratio=0.25, dgc ratio=0.1    the defaults (1% / 0.1%) keep a few hundred
+  (gtopk, scalecom, aggtopk: ratio=0.1 likewise)
                                                        entries of 38k: error feedback needs far more
                                                        than 180 steps to deliver the rest
   rbgs ratio=0.5                                       one shared contiguous block per tensor: at 0.25
