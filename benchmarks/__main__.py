@@ -1,4 +1,4 @@
-"""The one command of the lab: `python -m benchmarks <kernels|cluster|accuracy|all> [--smoke] [--out DIR]`.
+"""The one command of the lab: `python -m benchmarks <kernels|cluster|accuracy|traffic|all> [--smoke] [--out DIR]`.
 
 Each sub-command prints a table, writes `<out>/<name>.csv` and PNG plots, and shows progress.
 """
@@ -33,6 +33,10 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("accuracy", help="accuracy / perplexity against bytes sent and wall time")
     _common(a)
     lab_accuracy.add_args(a)
+    from benchmarks import traffic_model
+    t = sub.add_parser("traffic", help="per-rank traffic and time per step at P = 8..256 from measured payloads")
+    _common(t)
+    traffic_model.add_args(t)
     al = sub.add_parser("all", help="kernels, cluster and accuracy one after the other")
     _common(al)
     return ap
@@ -52,6 +56,8 @@ def main(argv=None) -> int:
             from benchmarks import lab_kernels as lab
         elif cmd == "cluster":
             from benchmarks import lab_cluster as lab
+        elif cmd == "traffic":
+            from benchmarks import traffic_model as lab
         else:
             from benchmarks import lab_accuracy as lab
         lab.run(sub_args)

@@ -22,7 +22,8 @@ beyond this machine, for every method, from per-rank payloads measured on real g
 The figures are models of the algorithms (bandwidth-bound, no congestion, full-duplex links); the
 payload bytes are measured.
 
-    python -m benchmarks.traffic_model --workload lstm --ratio 0.01 --bandwidth-gbit 10 --latency-us 5
+    python -m benchmarks traffic --workload lstm --ratio 0.01 --bandwidth-gbit 10 --latency-us 5
+    python -m benchmarks.traffic_model ...          (the same, printing only)
 """
 from __future__ import annotations
 
@@ -116,22 +117,29 @@ def run(a) -> list[dict]:
     title = (f"{workloads.MODEL_LABELS.get(a.workload, a.workload)} ({numel / 1e6:.2f}M parameters), ratio {a.ratio}, "
              f"{a.bandwidth_gbit:g} Gbit/s, {a.latency_us:g} us per message: per-rank MB and ms per step, x = "
              "speed-up over dense ring allreduce")
-    print(f"\n{title}\n", file=sys.stdout)
-    print(plotting.table(rows, cols), flush=True)
+    if getattr(a, "out", ""):
+        plotting.emit(rows, cols, a.out, "traffic", title=title)
+    else:
+        print(f"\n{title}\n", file=sys.stdout)
+        print(plotting.table(rows, cols), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_args(p):
     p.add_argument("--workload", default="lstm", help="digits, lstm, lstm-small, resnet18, resnet50")
     p.add_argument("--ratio", type=float, default=0.01)
     p.add_argument("--ranks", default=",".join(map(str, RANKS)))
     p.add_argument("--bandwidth-gbit", type=float, default=10.0, help="per-link bandwidth, Gbit/s")
     p.add_argument("--latency-us", type=float, default=5.0, help="per-message latency, microseconds")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_args(p)
     run(p.parse_args(argv))
 
 

@@ -26,7 +26,7 @@ counters into what `GradientSync.stats()` returns:
   payload_ratio bytes_dense / bytes_sent at any P (what `ratio` meant before P was accounted)
   union, union_kept, union_k   for sparsifiers: sum over steps and tensors of U (distinct indices
                 in the aggregate) and of k (entries one rank selected, mean over ranks), and U/k;
-                local top-k at P ranks gives up to P, a shared selection exactly 1
+                local top-k at P ranks gives up to P, a shared selection at most 1
                 (absent for compressors that do not select entries, and in traced TF graphs)
 
 These are models of the algorithm, not measurements of a particular MPI library's choice (which

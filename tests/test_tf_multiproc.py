@@ -42,9 +42,8 @@ SPECS = {
     "signsgd": "signsgd:scale=0.003",
     "signum": "signum:scale=0.03;--momentum=0",
     "dgc": "dgc:ratio=0.1;--momentum=0",
-    "scalecom": "scalecom:ratio=0.1",
-    "gtopk": "gtopk:ratio=0.1",
-    "aggtopk": "aggtopk:ratio=0.1",
+    "scalecom": "scalecom:ratio=0.25",     # at 0.1: 93.9% / 92.2% in 4 epochs (dense 95.8%): the union
+    "gtopk": "gtopk:ratio=0.25",           # is k, ~1.7x fewer coordinates per step than topk's
 }
 # Exceptions: they train (accuracy floor asserted) but not to dense -2 points in 4 epochs. Measured
 # on this CNN (2 ranks, 4 epochs; dense 95.8%; same runs with SGD momentum 0.9 in parentheses):
@@ -55,8 +54,11 @@ SPECS = {
 #   efsignsgd 82.2% (66.9), onebit 85.0% (79.7): one bit per entry with a single per-tensor scale;
 #     error feedback repays the quantization error only over many steps (Karimireddy et al. 2019 and
 #     Seide et al. 2014 train for tens of epochs).
+#   aggtopk:ratio=0.25 90.3% (0.1: 81.1%, 0.5: 91.4%, with momentum): whole 256-entry chunks chosen
+#     by their summed energy, a coarser selection than element-wise top-k on these small tensors.
 # With SGD momentum off they do better (error feedback already acts like momentum), so they run so.
 EXCEPTIONS = {
+    "aggtopk": ("aggtopk:ratio=0.25", 80.0),
     "randomk": ("randomk:ratio=0.25;--momentum=0", 60.0),
     "rbgs": ("rbgs:ratio=0.25;--momentum=0", 60.0),
     "randproj": ("randproj:ratio=8;--momentum=0", 60.0),
