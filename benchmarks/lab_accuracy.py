@@ -10,7 +10,9 @@ steps (a multiple of the policies' period, so that the ranks have just synchroni
 metric is measured on every rank's shard and summed: accuracy (%) on the held-out digits, or
 perplexity on the first `--lm-test-tokens` tokens per rank of wikitext2-test (the example's split of
 the test stream over ranks, 10 rows each). Logged per point: step,
-training wall time so far (evaluation excluded), cumulative bytes this rank handed to collectives.
+training wall time so far (evaluation excluded), cumulative bytes this rank handed to collectives;
+per gradcomp method also, over the whole run, wire_MB (per-rank wire bytes under the collective's ring
+algorithm) and U/k of sparsifiers, from GradientSync.stats() (gradcomp/traffic.py).
 
 Optimizers are the example's: SGD(lr 0.05, momentum 0.9, batch 32 per rank) for digits; Adam(lr
 0.003) with gradient clipping 0.25 for the LM (10k-word vocabulary from wikitext2-valid, embedding 64,
@@ -31,7 +33,8 @@ import time
 
 from benchmarks.lab_cluster import REPO, NetLab, _Counting, make_optimizer, method_list
 
-COLUMNS = ["task", "network", "method", "steps", "metric", "final", "best", "MB_sent", "train_s", "status"]
+COLUMNS = ["task", "network", "method", "steps", "metric", "final", "best", "MB_sent", "wire_MB", "U/k", "train_s",
+           "status"]
 CURVE_COLUMNS = ["task", "method", "step", "wall_s", "MB_sent", "metric", "value"]
 
 
@@ -131,6 +134,8 @@ def _train(task, m, steps, every, torch, model0, world, comm, numel):
                                                           "", numel)
     if status:
         return {"status": status}
+    if hasattr(task, "attach"):            # the example's task hooks its optimizer (virtual workers: off)
+        task.attach(opt)
     if counter is not None:
         counter.nbytes = 0
     points, step, wall, epoch, state = [], 0, 0.0, 0, None
@@ -159,7 +164,11 @@ def _train(task, m, steps, every, torch, model0, world, comm, numel):
     finally:
         if cleanup:
             cleanup()
-    return {"points": points, "status": "ok"}
+    out = {"points": points, "status": "ok"}
+    if m["kind"] == "gradcomp":            # gradcomp's own accounting over the run (gradcomp/traffic.py)
+        st = opt.stats()
+        out.update(wire_MB=st["wire_sent"] / 1e6, union_k=st.get("union_k"))
+    return out
 
 
 # =============================================================================== driver
@@ -205,6 +214,7 @@ def run(args) -> list[dict]:
                     pts = g.get("points") or []
                     if g.get("status") == "ok" and pts:
                         vals = [p["value"] for p in pts]
+                        row.update({"wire_MB": g.get("wire_MB"), "U/k": g.get("union_k")})
                         row.update(metric=g["metric"], steps=pts[-1]["step"], final=vals[-1], MB_sent=pts[-1]["MB_sent"],
                                    train_s=pts[-1]["wall_s"], best=max(vals) if g["metric"] == "acc" else min(vals))
                         curves += [dict(p, task=task, method=m["label"], metric=g["metric"]) for p in pts]
