@@ -16,6 +16,8 @@ parameter model and ~180 steps; where they differ from the defaults, the reason:
                                                        training still lagged ~9 points after 8 epochs
   powersgd rank=4, randproj ratio=2                    rank 1 / 64x lose ~4 / ~30 points in 8 epochs on
                                                        these small conv/fc matrices
+  sketch ratio=4                                       the default 100x recovers too few heavy hitters
+                                                       of this small model (docs/benchmarks.md)
   threshold threshold=0.001                            the default 0.01 is above most gradient entries
                                                        of this model (almost nothing would be sent)
   signsgd / signum scale=0.01                          the voted sign is scaled to a typical gradient
@@ -55,6 +57,7 @@ DIGITS_SPECS = {
     "signsgd": "signsgd:scale=0.01", "signum": "signum:scale=0.01", "efsignsgd": "efsignsgd",
     "onebit": "onebit", "powersgd": "powersgd:rank=4", "randproj": "randproj:ratio=2", "rbgs": "rbgs:ratio=0.5",
     "scalecom": "scalecom:ratio=0.1", "gtopk": "gtopk:ratio=0.1", "aggtopk": "aggtopk:ratio=0.1",
+    "sketch": "sketch:ratio=4",
 }
 DIGITS_EPOCHS = 8
 TOLERANCE = 2.0      # accuracy points
