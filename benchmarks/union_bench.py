@@ -45,6 +45,7 @@ def _rank(comm, a, methods):
     import gradcomp_torch as gct
     tt = _example()
     args = ["--task", a.task, "--no-progress", "--seed", str(a.seed)]
+    args += (["--lr", str(a.lr)] if a.lr else []) + (["--momentum", str(a.momentum)] if a.momentum is not None else [])
     if a.task == "lm":
         args += ["--batch-size", str(a.lm_batch), "--max-vocab", str(a.max_vocab)]
         if a.data:
@@ -139,6 +140,8 @@ def main(argv=None):
     p.add_argument("--max-vocab", type=int, default=10000)
     p.add_argument("--test-tokens", type=int, default=20000)
     p.add_argument("--data", default="", help="lm: folder with wikitext2-valid.txt / -test.txt (default: the example's)")
+    p.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the example's)")
+    p.add_argument("--momentum", type=float, default=None, help="digits SGD momentum (default: the example's 0.9)")
     p.add_argument("--seed", type=int, default=0, help="data shards, initial weights")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait")
     p.add_argument("--out", default="results/union")
