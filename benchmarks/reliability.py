@@ -10,7 +10,8 @@ Probes (2 ranks, rank 1 fails, nobody's code handles the error):
   kill         fail_probe.py: rank 1 SIGKILLs itself at step 3
   exit         fail_probe.py: rank 1 calls sys.exit(3) at step 3 (GRADCOMP_TIMEOUT=--exit-timeout)
 Each row: the launcher's exit code, whether the job ended or had to be killed at --limit seconds
-(counted from the failure), how many tracebacks the output holds, whether a peer finished anyway
+(counted from the failure), how often the failing rank's error line was printed and how many
+tracebacks the output holds in all (a peer's own error, the launcher's), whether a peer finished anyway
 (it must not), and the seconds from the failure to the job's end. The moment of failure is the
 "PROBE FAIL t=..." line the failing rank prints (for `compressor`, a sys.excepthook installed by the
 shim below prints it when the error escapes). Prints a Markdown table (docs/benchmarks.md,
@@ -30,8 +31,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PROBES = ("raise", "compressor", "kill", "exit")
 LAUNCHERS = ("mpirun", "torchrun", "horovodrun")
-COLUMNS = ["probe", "launcher", "transport", "exit code", "outcome", "tracebacks", "peer finished",
+COLUMNS = ["probe", "launcher", "transport", "exit code", "outcome", "error printed", "tracebacks", "peer finished",
            "time to exit s"]
+# the failing rank's own error line (its count is "error printed"; "tracebacks" counts every one)
+ERROR_LINE = {"raise": r"RuntimeError: probe: injected failure on rank 1", "compressor": r"\w+Error: [^\n]*bogus"}
 
 
 def _shim(argv):
@@ -111,6 +114,7 @@ def run_probe(probe, launcher, tree, limit, exit_timeout):
     row = {"probe": probe, "launcher": launcher, "transport": engine.group(1) if engine else "auto",
            "exit code": "-" if rc is None else rc,
            "outcome": f"HUNG (killed after {ended - t0:.0f}s)" if hung else ("ended" if rc else "exit 0 (!)"),
+           "error printed": len(re.findall(ERROR_LINE[probe], out)) if probe in ERROR_LINE else "-",
            "tracebacks": out.count("Traceback (most recent call last)"),
            "peer finished": "yes (!)" if "PROBE DONE" in out else "no",
            "time to exit s": "-" if after is None or hung else f"{after:.1f}"}

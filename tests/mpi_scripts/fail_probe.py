@@ -14,6 +14,7 @@ a rank that finishes prints "PROBE DONE rank=R" (which must not happen for the p
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -34,6 +35,7 @@ def main():
     ap.add_argument("--at-step", type=int, default=3)
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
+    faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints where a stuck rank is
     comm = gct.init()
     print(f"PROBE READY rank={comm.rank} engine={comm.engine} size={comm.size}", flush=True)
     model = make_model(8)
