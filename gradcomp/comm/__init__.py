@@ -6,11 +6,15 @@
     mpi      mpi4py over Open MPI           (gradcomp/comm/mpi.py)
     torch    torch.distributed, Gloo/NCCL   (gradcomp/comm/torch_dist.py)
     local    LocalWorld threads (tests)     (gradcomp/comm/local.py)
+Every wait is bounded by a timeout (GRADCOMP_TIMEOUT, default 300 s) and raises CollectiveTimeout;
+a transport whose world disagrees with the launcher raises LauncherMismatchError (comm/launch.py);
+under MPI an uncaught exception aborts every rank (comm/abort.py).
 """
-from gradcomp.comm.base import Communicator, ConfigMismatchError, Handle, check_consistent
+from gradcomp.comm.base import CollectiveTimeout, Communicator, ConfigMismatchError, Handle, check_consistent
 from gradcomp.comm.factory import make_communicator
+from gradcomp.comm.launch import LauncherMismatchError
 from gradcomp.comm.local import LocalWorld
 from gradcomp.comm.single import SingleCommunicator
 
 __all__ = ["Communicator", "Handle", "ConfigMismatchError", "check_consistent", "LocalWorld",
-           "SingleCommunicator", "make_communicator"]
+           "SingleCommunicator", "make_communicator", "CollectiveTimeout", "LauncherMismatchError"]
