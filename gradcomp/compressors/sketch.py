@@ -10,8 +10,9 @@ the same on every rank and redrawn every step, so collisions do not repeat):
 
     round 1:  S_j[b] = sum_{i: h_j(i) = b} s_j(i) x_i        payload S (r w values), summed
     unsketch: est_i = median_j s_j(i) S_j[h_j(i)]             (of the summed sketch: identical on
-              I = the k largest |est_i| (ties broken by a       every rank, so is I)
-                  shared random jitter), sorted
+              I = the k largest |est_i| (1 + u_i / 1024),      every rank, so is I)
+                  u_i shared uniforms in [0, 1) breaking ties
+                  alike on every rank and backend; sorted
     round 2:  payload x_I (k exact values), summed
     decode:   D(y) = scatter(n, I, y)                          linear in y
 
@@ -21,7 +22,10 @@ default) keeps x - D(x_I) on every rank: error feedback of the ordinary local ki
 optimizer's own momentum acts on the decoded average. (FetchSGD instead keeps momentum and error in
 sketch space, identical on every rank, and zeroes the sketch cells of the recovered coordinates;
 that needs the optimizer's momentum removed and a fixed hash for the run. Here the hashes change
-every step and no state lives in sketch space: this is our choice, not FetchSGD's rule.)
+every step and no state lives in sketch space: this is our choice, not FetchSGD's rule. FetchSGD's
+placement, momentum accumulated before compression and zeroed with the error at the recovered
+coordinates, is memory `dgc` (momentum correction with factor masking) with the optimizer's momentum off,
+in each rank's dense space instead of the shared sketch space; docs/benchmarks.md compares both.)
 
 Budget: m = ceil(n / ratio) values per step; k = max(1, round(share * m)) exact values and
 r w = m - k sketch cells (w = (m - k) // r', r' = min(rows, m - k)); payload 4 (r' w + k) bytes for
