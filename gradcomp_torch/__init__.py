@@ -9,9 +9,19 @@
 
     hvd.DistributedOptimizer(opt, compression=gct.Compression.fp16)     # inside Horovod
     ddp_model.register_comm_hook(None, gct.ddp_hook("topk:ratio=0.01"))  # inside DDP
+
+A Horovod script switches by its import (`import gradcomp_torch as hvd`): DistributedOptimizer takes
+Horovod's compression=, op=, gradient_predivide_factor=, num_groups=, sparse_as_dense=; allreduce,
+allgather, broadcast, barrier, join, local_size, cross_rank, ... are here (gradcomp_torch/collectives.py;
+README "Horovod names" says what is and is not supported).
 """
 from gradcomp.pipeline import NonFiniteGradientError
 from gradcomp_torch.checkpoint import load_checkpoint, save_checkpoint
+from gradcomp_torch.collectives import (Adasum, Average, Max, Min, Product, Sum, allgather, allreduce,  # noqa: F401
+                                        allreduce_, barrier, broadcast, broadcast_, ccl_built, cross_rank,
+                                        cross_size, cuda_built, gloo_built, grouped_allreduce, is_initialized,
+                                        join, local_size, mpi_built, mpi_enabled, mpi_threads_supported,
+                                        nccl_built, rocm_built)
 from gradcomp_torch.compression import Compression
 from gradcomp_torch.ddp_hook import ddp_hook
 from gradcomp_torch.optimizer import DistributedOptimizer
@@ -22,4 +32,8 @@ from gradcomp_torch.virtual import VirtualWorkers
 
 __all__ = ["init", "shutdown", "communicator", "rank", "size", "local_rank", "broadcast_parameters",
            "broadcast_optimizer_state", "broadcast_object", "DistributedOptimizer", "Compression", "ddp_hook",
-           "TorchParamAccess", "NonFiniteGradientError", "VirtualWorkers", "save_checkpoint", "load_checkpoint"]
+           "TorchParamAccess", "NonFiniteGradientError", "VirtualWorkers", "save_checkpoint", "load_checkpoint",
+           "Average", "Sum", "Adasum", "Min", "Max", "Product", "allreduce", "allreduce_", "grouped_allreduce",
+           "allgather", "broadcast", "broadcast_", "barrier", "join", "is_initialized", "local_size", "cross_rank",
+           "cross_size", "mpi_built", "gloo_built", "nccl_built", "mpi_enabled", "mpi_threads_supported",
+           "ccl_built", "cuda_built", "rocm_built"]

@@ -43,6 +43,7 @@ from collections import OrderedDict
 
 import torch
 
+from gradcomp import horovod_api as hvd_api
 from gradcomp import registry
 from gradcomp.comm.base import Communicator
 from gradcomp.finite import start_nonfinite
@@ -60,7 +61,9 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
 
     def __init__(self, optimizer, named_parameters=None, compressor=None, memory=None, backend=None,
                  backward_passes_per_step: int = 1, sync=None, bucket_mb: float | None = None,
-                 seed: int | None = None, comm: Communicator | None = None):
+                 seed: int | None = None, comm: Communicator | None = None, *, compression=None, op=None,
+                 gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups=None,
+                 sparse_as_dense: bool = False, process_set=None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DistributedOptimizer):
@@ -74,6 +77,17 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
             setattr(self, hooks, OrderedDict())
         self._warned_capturable_if_run_uncaptured = True
         self.inner = optimizer
+        # Horovod's keyword arguments (gradcomp/horovod_api.py says what each one means here)
+        compressor, memory = hvd_api.compressor_arg(compressor, compression, memory)
+        self.op = hvd_api.check_op(op, gradient_predivide_factor)
+        hvd_api.check_process_set(process_set)
+        self.sparse_as_dense = bool(sparse_as_dense)
+        hint = hvd_api.bucket_mb_for_groups(num_groups, groups, sum(
+            p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]))
+        if hint is not None:
+            if bucket_mb is not None:
+                raise ValueError("pass bucket_mb= or num_groups=/groups= (Horovod's fusion hint), not both")
+            bucket_mb = hint
         cfg = resolve_config(compressor, memory, sync, seed, bucket_mb, backend)
         if comm is None and isinstance(backend, Communicator):
             comm = backend
@@ -88,6 +102,9 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
         self._gs = GradientSync(cfg.compressor, memory=cfg.memory, comm=comm, seed=cfg.seed)
         self._policy = registry.create(cfg.sync, "sync").bind(comm, compressor=self._gs.compressor,
                                                               seed=cfg.seed)
+        if self.op == hvd_api.Sum and not self._policy.synchronous:
+            raise ValueError(f"op=Sum needs gradients reduced every step; sync policy {self._policy.spec()!r} "
+                             "takes local steps. Use op=Average (the default) with it")
         self._view = TorchParamAccess(self._named, optimizer)
         self._wd_momentum = take_over(optimizer, self._named, self._gs, comm.rank)   # gradcomp_torch/momentum.py
         self._lock = threading.RLock()
@@ -154,8 +171,21 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
         return list(self._named)
 
     def stats(self) -> dict:
-        """bytes_sent, bytes_dense, steps and ratio of the gradient averaging so far."""
-        return self._gs.stats()
+        """bytes_sent, bytes_dense, steps and ratio of the gradient averaging so far; `policy`: the sync
+        policy's own counters (its bytes_sent: parameter averaging of localsgd & co.), and
+        bytes_sent_total = both together."""
+        out = self._gs.stats()
+        pol = self._policy.stats()
+        out["policy"] = pol
+        out["bytes_sent_total"] = out.get("bytes_sent", 0) + pol.get("bytes_sent", 0)
+        return out
+
+    def finalize(self) -> bool:
+        """End of training, on every rank: if the sync policy left the ranks' parameters apart (local
+        SGD whose run did not end on a sync step), synchronize them now, so the model rank 0 saves
+        is the averaged one. A no-op for the default allreduce policy. True if it exchanged."""
+        with self._lock:
+            return bool(self._policy.finalize(self._view))
 
     def set_step_share(self, backward_passes: int, weight: float = 1.0):
         """From the next step on: `backward_passes` backward passes per step on this rank (may differ
@@ -237,8 +267,11 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 g = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 absent.append(name)
             elif g.is_sparse:
-                raise TypeError(f"parameter {name!r} has a sparse gradient; gradcomp averages dense gradients "
-                                "(use nn.Embedding(sparse=False))")
+                if not self.sparse_as_dense:
+                    raise TypeError(f"parameter {name!r} has a sparse gradient; gradcomp averages dense gradients: "
+                                    "pass DistributedOptimizer(..., sparse_as_dense=True) to densify it (as "
+                                    "Horovod does), or use nn.Embedding(sparse=False)")
+                p.grad = g = g.to_dense()           # the average is written into this dense gradient
             named[name] = g.detach()
         self._next = b + 1
         self._launched = True
@@ -276,6 +309,8 @@ class DistributedOptimizer(CheckpointMixin, torch.optim.Optimizer):
                             p.grad = avg.detach().reshape(p.shape).clone()
                         elif not (avg.data_ptr() == p.grad.data_ptr() and p.grad.is_contiguous()):
                             p.grad.copy_(avg.reshape(p.grad.shape))     # else averaged in place already
+                        if self.op == hvd_api.Sum:
+                            p.grad.mul_(self.comm.size)                 # Horovod's op=Sum: the sum over ranks
             self._synced = True
 
     def _start_local_flag(self):

@@ -69,6 +69,16 @@ class SyncPolicy(Configurable):
         """Finish any exchange still in flight (da-pipelined's momentum average) and write it into
         the optimizer: call before evaluating or checkpointing, and at the end of training."""
 
+    def finalize(self, view) -> bool:
+        """End of training: bring the ranks' parameters together if the policy left them apart
+        (PeriodicPolicy synchronizes when the run did not end on a sync step). True if it exchanged."""
+        self.flush()
+        return False
+
+    def stats(self) -> dict:
+        """The policy's own traffic: bytes this rank sent beyond the gradient averaging."""
+        return {"bytes_sent": 0}
+
     def state_dict(self) -> dict:
         return {}
 

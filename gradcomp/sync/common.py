@@ -95,6 +95,13 @@ def fused_allreduce(comm, arrays, name: str, average: int = 0) -> _FusedHandle:
     return _FusedHandle(handles, len(arrays), average, comm.size)
 
 
+def _nbytes(a) -> int:
+    """Bytes of one array on the wire (its own dtype; bfloat16 is 2)."""
+    b = get_backend(a)
+    dt = str(b.dtype(a))
+    return b.numel(a) * (2 if dt == "bfloat16" else np.dtype(dt).itemsize)
+
+
 def as_like(a, ref):
     """`a` (maybe restored from a checkpoint of another backend/device) on `ref`'s backend and device."""
     ab, rb = get_backend(a), get_backend(ref)
@@ -125,6 +132,7 @@ class PeriodicPolicy(SyncPolicy):
         self._pending = None
         self._checked = False
         self._steps = self._syncs = 0
+        self._bytes = 0               # bytes this rank sent averaging parameters (and momenta)
         self._times = {"param_exchange_s": 0.0, "momentum_exchange_s": 0.0, "momentum_wait_s": 0.0}
 
     # ------------------------------------------------------------------ protocol
@@ -168,9 +176,23 @@ class PeriodicPolicy(SyncPolicy):
         """Finish a pending momentum exchange (da-pipelined) and write it into the optimizer."""
         self._drain()
 
+    def finalize(self, view):
+        """End of training: if steps were taken since the last synchronization, synchronize now (the
+        policy's own exchange: an average for localsgd/da, an outer step for slowmo), so every rank
+        holds the same parameters and a saved model is the averaged one. Call it on every rank; it
+        does nothing when the last step was a sync step (or during warm-up's synchronous steps)."""
+        self._require_bound()
+        self._drain()
+        last = self._steps - 1
+        if self._steps > self.warmup and not self.is_sync_step(last):
+            self._synchronize(view)
+            self._drain(count=False)
+            return True
+        return False
+
     def stats(self) -> dict:
-        """Counters and seconds spent blocked in exchanges (for benchmarks)."""
-        return dict(self._times, syncs=self._syncs, steps=self._steps)
+        """Counters, bytes sent by parameter averaging and seconds spent blocked in exchanges."""
+        return dict(self._times, syncs=self._syncs, steps=self._steps, bytes_sent=self._bytes)
 
     # ------------------------------------------------------------------ the exchange
     def _synchronize(self, view):
@@ -180,8 +202,13 @@ class PeriodicPolicy(SyncPolicy):
         params = [view.get(n) for n in names]
         presence = [1.0 if view.momentum(n) is not None else 0.0 for n in names] if self.average_momentum else None
         t0 = time.perf_counter()
+        before = self._delta.stats()["bytes_sent"] if self._delta is not None else 0
         avg, counts = self._average(names, params, presence)
         self._times["param_exchange_s"] += time.perf_counter() - t0
+        if self._delta is not None:
+            self._bytes += self._delta.stats()["bytes_sent"] - before
+        else:
+            self._bytes += sum(_nbytes(p) for p in params)
         new = self.outer_update(names, avg)
         for n in names:
             view.set(n, new[n])
@@ -192,6 +219,7 @@ class PeriodicPolicy(SyncPolicy):
         if presence is not None:
             agreed = [n for n, c in zip(names, counts) if c > self.comm.size - 0.5]
             if agreed:
+                self._bytes += sum(_nbytes(view.momentum(n)) for n in agreed)
                 h = fused_allreduce(self.comm, [view.momentum(n) for n in agreed], name=f"sync{self._syncs}.momentum",
                                     average=len(agreed))
                 self._pending = (h, view, agreed)
