@@ -9,11 +9,18 @@
                                gct.callbacks.CompressionStatsCallback()])
 
 Custom loops: `gct.DistributedGradientTape(tape, compressor=...)`. Horovod users on older TF:
-`gct.Compression.fp16`. Checkpoints: tf.train.Checkpoint tracks the optimizer's `gradcomp_state`
+`gct.Compression.fp16`. A Horovod script switches by its import (`import gradcomp_tf as hvd`):
+compression=/op=/average_aggregated_gradients= are accepted, allreduce, allgather, broadcast (the
+`gradcomp_tf.broadcast` module is callable), broadcast_object, barrier, join, local_size, ... are here
+(gradcomp_tf/collectives.py). Checkpoints: tf.train.Checkpoint tracks the optimizer's `gradcomp_state`
 (save one file per rank: `gct.rank_path(prefix)`). What runs where: gradcomp_tf/engine.py.
 """
 from gradcomp_tf import callbacks
 from gradcomp_tf.broadcast import broadcast_exchange_state, broadcast_variables
+from gradcomp_tf.collectives import (Adasum, Average, Max, Min, Product, Sum, allgather, allreduce,  # noqa: F401
+                                     barrier, broadcast_object, cross_rank, cross_size, cuda_built, gloo_built,
+                                     grouped_allreduce, is_initialized, join, local_size, mpi_built, mpi_enabled,
+                                     nccl_built, rocm_built)
 from gradcomp_tf.checkpoint import GradcompState, rank_name, rank_path
 from gradcomp_tf.compression import Compression
 from gradcomp_tf.engine import XLA_MESSAGE, Exchange
@@ -24,4 +31,7 @@ from gradcomp_tf.tape import DistributedGradientTape
 
 __all__ = ["init", "rank", "size", "local_rank", "broadcast_variables", "broadcast_exchange_state", "DistributedGradientTape",
            "DistributedOptimizer", "Exchange", "Compression", "GradcompState", "rank_path", "rank_name",
-           "KerasParamView", "callbacks", "XLA_MESSAGE"]
+           "KerasParamView", "callbacks", "XLA_MESSAGE",
+           "Average", "Sum", "Adasum", "Min", "Max", "Product", "allreduce", "grouped_allreduce", "allgather",
+           "broadcast", "broadcast_object", "barrier", "join", "is_initialized", "local_size", "cross_rank",
+           "cross_size", "mpi_built", "gloo_built", "nccl_built", "mpi_enabled", "cuda_built", "rocm_built"]

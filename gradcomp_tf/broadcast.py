@@ -6,8 +6,14 @@
 
 Eagerly the values travel as host arrays through the transport and are assigned in place; inside a
 tf.function the same runs in one tf.py_function (ordered after the variables' earlier updates).
+
+The module itself is callable: `gradcomp_tf.broadcast(tensor, root_rank=0)` is Horovod's tensor
+broadcast (gradcomp_tf.collectives.broadcast).
 """
 from __future__ import annotations
+
+import sys
+import types
 
 import numpy as np
 import tensorflow as tf
@@ -72,3 +78,16 @@ def broadcast_exchange_state(exchange, root_rank: int = 0):
     data = np.asarray(comm.broadcast(raw, root=root_rank, name="exchange_state.data").wait(), np.uint8)
     if comm.rank != root_rank:
         exchange.load_replicated_state_dict(decode(data.tobytes()))
+
+
+class _CallableModule(types.ModuleType):
+    """`gradcomp_tf.broadcast` is this module (so `from gradcomp_tf.broadcast import ...` keeps
+    working) and also Horovod's `hvd.broadcast(tensor, root_rank)`: calling it broadcasts a tensor
+    (gradcomp_tf.collectives.broadcast)."""
+
+    def __call__(self, tensor, root_rank=0, name=None, process_set=None, ignore_name_scope=False):
+        from gradcomp_tf.collectives import broadcast
+        return broadcast(tensor, root_rank, name=name, process_set=process_set)
+
+
+sys.modules[__name__].__class__ = _CallableModule

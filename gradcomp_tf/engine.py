@@ -232,7 +232,20 @@ class Exchange:
 
     # ------------------------------------------------------------------ bookkeeping
     def stats(self) -> dict:
-        return self.sync.stats()
+        """GradientSync's stats, plus `policy` (the sync policy's counters and bytes_sent: parameter
+        averaging of localsgd & co.) and bytes_sent_total (both together)."""
+        out = self.sync.stats()
+        pol = self.policy.stats()
+        out["policy"] = pol
+        out["bytes_sent_total"] = out.get("bytes_sent", 0) + pol.get("bytes_sent", 0)
+        return out
+
+    def finalize(self) -> bool:
+        """End of training, on every rank (eager): if the sync policy left the ranks' parameters apart
+        (local SGD whose run did not end on a sync step), synchronize them now. True if it exchanged."""
+        if self.view is None:
+            return False
+        return bool(self.policy.finalize(self.view))
 
     def state_dict(self) -> dict:
         """GradientSync state (arrays as numpy), the policy's state and the step counter."""

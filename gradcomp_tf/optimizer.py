@@ -42,10 +42,11 @@ from gradcomp_tf.sync_view import KerasParamView
 class _DistributedMixin:
     """Hooks placed in front of a Keras 3 optimizer class (see module docstring)."""
 
-    def _gc_setup(self, exchange, bpps, mode):
+    def _gc_setup(self, exchange, bpps, mode, scale=1.0):
         self.gradcomp_exchange = exchange
         self.gradcomp_state = GradcompState(exchange)
         self._gc_bpps, self._gc_mode = bpps, mode
+        self._gc_scale = float(scale)      # op=Sum / average_aggregated_gradients=False (Horovod's)
 
     def build(self, variables):
         super().build(variables)
@@ -91,24 +92,51 @@ class _DistributedMixin:
             by_id = {id(v): n for n, v in ex.view.items()}
             names = [by_id.get(id(v), n) for v, n in zip(variables, names)]
         grads = [dense(g) for g in grads]
-        return ex(list(grads), names, mode=self._gc_mode)
+        out = ex(list(grads), names, mode=self._gc_mode)
+        scale = getattr(self, "_gc_scale", 1.0)
+        return out if scale == 1.0 else [g if g is None else g * tf.cast(scale, g.dtype) for g in out]
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         super()._backend_update_step(grads, trainable_variables, learning_rate)
         self.gradcomp_exchange.after_step(trainable_variables)
 
     def gradcomp_stats(self) -> dict:
-        """bytes_sent, bytes_dense, ratio and steps of this optimizer's exchange so far."""
+        """bytes_sent, bytes_dense, ratio and steps of this optimizer's exchange so far, `policy` (the
+        sync policy's own counters and bytes) and bytes_sent_total."""
         return self.gradcomp_exchange.stats()
+
+    def gradcomp_finalize(self) -> bool:
+        """End of training, on every rank (eager): synchronize the parameters if the sync policy left
+        them apart (local SGD not ending on a sync step), so a saved model is the averaged one."""
+        return self.gradcomp_exchange.finalize()
 
 
 def DistributedOptimizer(optimizer, compressor=None, memory=None, backend=None, backward_passes_per_step=1,
-                         sync=None, *, seed=None, mode="auto"):
+                         sync=None, *, seed=None, mode="auto", compression=None, op=None,
+                         gradient_predivide_factor=1.0, average_aggregated_gradients=None, sparse_as_dense=False,
+                         num_groups=0, groups=None, process_set=None, name=None, use_locking=False,
+                         device_dense="", device_sparse="", scale_local_gradients=True):
     """Wrap a Keras 3 optimizer; compressor/memory/sync take spec strings, objects or None (= environment).
 
     backend: None (the process-wide transport, GRADCOMP_BACKEND), a name or a Communicator.
     mode: "auto" | "graph" | "island": how the exchange runs inside tf.function (engine.py).
+    Horovod's arguments (gradcomp/horovod_api.py): `compression=` (Horovod's or gradcomp's Compression
+    objects: no error feedback; or a spec), `op=` Average | Sum (Adasum raises),
+    `gradient_predivide_factor` (validated; the result is the average either way),
+    `average_aggregated_gradients`: with backward_passes_per_step > 1, True or None average the passes
+    (Keras' own accumulation), False sums them (Horovod's default is False: pass it explicitly for
+    Horovod's numbers). `sparse_as_dense`: IndexedSlices are always densified. `num_groups`/`groups=<int>`:
+    accepted, no effect (the TF exchange fuses each step into one collective per payload dtype); lists
+    of variables and process sets other than the global one raise. name/use_locking/device_*/
+    scale_local_gradients are accepted and ignored.
     """
+    from gradcomp import horovod_api as hvd_api
+    compressor, memory = hvd_api.compressor_arg(compressor, compression, memory)
+    op = hvd_api.check_op(op, gradient_predivide_factor)
+    hvd_api.check_process_set(process_set)
+    hvd_api.bucket_mb_for_groups(num_groups, groups, 1)
+    if average_aggregated_gradients not in (None, True, False):
+        raise ValueError(f"average_aggregated_gradients must be True, False or None, got {average_aggregated_gradients!r}")
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError(f"DistributedOptimizer wraps a Keras 3 optimizer (keras.optimizers.Optimizer), got "
                         f"{type(optimizer).__name__}; for a custom loop use gradcomp_tf.DistributedGradientTape")
@@ -143,8 +171,12 @@ def DistributedOptimizer(optimizer, compressor=None, memory=None, backend=None, 
     cls = type(base.__name__, (_DistributedMixin, base),
                {"__module__": base.__module__, "__qualname__": base.__qualname__,
                 "__doc__": f"gradcomp_tf.DistributedOptimizer over {base.__name__}."})
+    if op == hvd_api.Sum and not exchange.policy.synchronous:
+        raise ValueError(f"op=Sum needs gradients reduced every step; sync policy {exchange.policy.spec()!r} takes "
+                         "local steps. Use op=Average (the default) with it")
+    scale = (exchange.comm.size if op == hvd_api.Sum else 1) * (bpps if average_aggregated_gradients is False else 1)
     opt = cls.from_config(config)
-    opt._gc_setup(exchange, bpps, mode)
+    opt._gc_setup(exchange, bpps, mode, scale)
     return opt
 
 

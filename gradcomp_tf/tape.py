@@ -13,6 +13,12 @@ A new tape wraps every step, so the compressor state (residuals, step counter) l
 Exchange that outlives the tape: by default one shared Exchange per (compressor, memory, backend,
 seed, mode, source names), kept by this module; or pass your own `exchange=gradcomp_tf.Exchange(...)`
 (needed to checkpoint it: add `gradcomp_tf.GradcompState(exchange)` to tf.train.Checkpoint).
+
+Only the default `allreduce` sync policy: a periodic policy (GRADCOMP_SYNC=localsgd, ...) acts at
+the optimizer step, which the tape never sees, so it raises ValueError (use DistributedOptimizer).
+Horovod's arguments: compression= (Compression objects: no error feedback; or a spec), op=Average|Sum,
+gradient_predivide_factor (validated), sparse_as_dense (IndexedSlices are always densified),
+num_groups (no effect), process_set (global only); device_* and scale_local_gradients are ignored.
 """
 from __future__ import annotations
 
@@ -25,7 +31,14 @@ class DistributedGradientTape:
     """Wraps `tape`; gradient(target, sources) averages the gradients through GradientSync."""
 
     def __init__(self, tape, compressor=None, memory=None, backend=None, *, seed=None, exchange=None,
-                 mode="auto"):
+                 mode="auto", compression=None, op=None, gradient_predivide_factor=1.0, sparse_as_dense=False,
+                 num_groups=0, groups=None, process_set=None, device_dense="", device_sparse="",
+                 scale_local_gradients=True):
+        from gradcomp import horovod_api as hvd_api
+        compressor, memory = hvd_api.compressor_arg(compressor, compression, memory)
+        self.op = hvd_api.check_op(op, gradient_predivide_factor, "DistributedGradientTape")
+        hvd_api.check_process_set(process_set, "DistributedGradientTape")
+        hvd_api.bucket_mb_for_groups(num_groups, groups, 1, "DistributedGradientTape")
         if not isinstance(tape, tf.GradientTape):
             raise TypeError(f"DistributedGradientTape wraps a tf.GradientTape, got {type(tape).__name__}")
         if mode not in ("auto", "graph", "island"):
@@ -40,8 +53,12 @@ class DistributedGradientTape:
             key = tuple(_key(c) for c in self._config) + (self.mode, tuple(names))
             if key not in _SHARED:
                 c, m, b, s = self._config
-                _SHARED[key] = (Exchange(c, m, b, seed=s), self._config)   # keep the objects alive
+                ex = Exchange(c, m, b, seed=s)
+                _refuse_policy(ex)
+                _SHARED[key] = (ex, self._config)   # keep the objects alive
             self.exchange = _SHARED[key][0]
+        else:
+            _refuse_policy(self.exchange)
         return self.exchange
 
     def __getattr__(self, item):          # watch(), stop_recording(), jacobian(), ...
@@ -65,6 +82,8 @@ class DistributedGradientTape:
         names = variable_names(flat_src)
         ex = self._exchange_for([n for n, g in zip(names, flat) if g is not None])
         flat = ex.average(flat, flat_src, mode=self.mode, api="DistributedGradientTape")
+        if self.op == _SUM:
+            flat = [g if g is None else g * tf.cast(ex.comm.size, g.dtype) for g in flat]
         return tf.nest.pack_sequence_as(sources, flat)
 
     def stats(self) -> dict:
@@ -74,6 +93,21 @@ class DistributedGradientTape:
 
 
 _SHARED: dict = {}
+_SUM = 1          # gradcomp.horovod_api.Sum
+
+
+def _refuse_policy(ex):
+    """The tape sees gradients only, never the optimizer step: a sync policy that acts around the
+    step (localsgd, slowmo, da: parameter averaging in after_step) would silently never run."""
+    from gradcomp.sync.base import SyncPolicy
+    pol = ex.policy
+    if any(getattr(type(pol), m) is not getattr(SyncPolicy, m) for m in ("sync_gradients", "before_step",
+                                                                          "after_step")):
+        raise ValueError(
+            f"DistributedGradientTape cannot run sync policy {pol.spec()!r} (GRADCOMP_SYNC or the exchange's "
+            "sync=): the tape only sees gradients, never the optimizer step, so the parameters would never be "
+            "averaged. Use gradcomp_tf.DistributedOptimizer (it runs every sync policy), or unset GRADCOMP_SYNC "
+            "(allreduce) for the tape")
 
 
 def _key(x):

@@ -17,6 +17,8 @@ Algorithm, per DDP bucket (DDP calls the hook in bucket order, the same on every
      futures. DDP copies the buffers into p.grad.
 If any rank had NaN/Inf gradients, the buffers are filled with NaN on every rank (as plain DDP would
 propagate them), so a GradScaler skips the step on all ranks alike.
+Only the default `allreduce` sync policy: GRADCOMP_SYNC=localsgd (or any policy acting at the
+optimizer step) raises ValueError, since the hook never sees the step.
 The hook never sees the optimizer: with a method that implements momentum itself (memory dgc/gmc,
 compressor signum; gradcomp/momentum.py) create the optimizer with momentum=0 yourself (rank 0
 warns once), or use gradcomp_torch.DistributedOptimizer, which takes SGD's momentum over.
@@ -37,6 +39,15 @@ class DDPHookState:
 
     def __init__(self, compressor, memory, seed, process_group, comm, named_parameters):
         cfg = resolve_config(compressor, memory, None, seed, None, "torch")
+        from gradcomp.sync.base import SyncPolicy
+        pol = cfg.sync
+        if any(getattr(type(pol), m) is not getattr(SyncPolicy, m)
+               for m in ("sync_gradients", "before_step", "after_step")):
+            raise ValueError(
+                f"gradcomp ddp_hook cannot run sync policy {pol.spec()!r} (GRADCOMP_SYNC): a DDP comm hook sees "
+                "gradient buckets only, never the optimizer step, and DDP always averages every step, so local "
+                "SGD would silently be plain DDP. Use gradcomp_torch.DistributedOptimizer (it runs every sync "
+                "policy) or torch's PostLocalSGDOptimizer, or unset GRADCOMP_SYNC for the hook")
         self.compressor, self.memory, self.seed = cfg.compressor, cfg.memory, cfg.seed
         from gradcomp.config import resolve_memory
         own = [o for o in (resolve_memory(cfg.memory, cfg.compressor), cfg.compressor)
