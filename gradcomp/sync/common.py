@@ -132,6 +132,7 @@ class PeriodicPolicy(SyncPolicy):
         self._pending = None
         self._checked = False
         self._steps = self._syncs = 0
+        self._final_at = -1           # _steps when finalize() last synchronized
         self._bytes = 0               # bytes this rank sent averaging parameters (and momenta)
         self._times = {"param_exchange_s": 0.0, "momentum_exchange_s": 0.0, "momentum_wait_s": 0.0}
 
@@ -184,9 +185,10 @@ class PeriodicPolicy(SyncPolicy):
         self._require_bound()
         self._drain()
         last = self._steps - 1
-        if self._steps > self.warmup and not self.is_sync_step(last):
+        if self._steps > self.warmup and not self.is_sync_step(last) and self._final_at != self._steps:
             self._synchronize(view)
             self._drain(count=False)
+            self._final_at = self._steps        # until the next step, a second call has nothing to do
             return True
         return False
 

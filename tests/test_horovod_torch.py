@@ -1,0 +1,225 @@
+"""Horovod drop-in for torch (issue 16): Horovod's DistributedOptimizer arguments, the collective
+helpers, finalize() and the refusals of what cannot run, on in-process ranks (gradcomp.LocalWorld)."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gradcomp  # noqa: E402
+import gradcomp_torch as hvd  # noqa: E402
+
+pytestmark = pytest.mark.torch
+N = 2
+
+
+def make_model(seed=0):
+    """The same model on every rank thread (a private generator: the global RNG is shared by threads)."""
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return m
+
+
+def loss_of(m, step, rank):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    x = torch.randn(8, 6, generator=g)
+    return (m(x) ** 2).mean() * (1 + rank)
+
+
+def wrap(m, comm, **kw):
+    return hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
+                                    comm=comm, **kw)
+
+
+def one_step_grads(comm, **kw):
+    m = make_model()
+    opt = wrap(m, comm, **kw)
+    opt.zero_grad()
+    loss_of(m, 0, comm.rank).backward()
+    opt.synchronize()
+    return [p.grad.clone() for p in m.parameters()], opt
+
+
+def local_grads(rank):
+    m = make_model()
+    loss_of(m, 0, rank).backward()
+    return [p.grad.clone() for p in m.parameters()]
+
+
+def horovod_compression_fp16():
+    hv = pytest.importorskip("horovod.torch")
+    return hv.Compression.fp16
+
+
+@pytest.mark.parametrize("which", ["horovod", "gradcomp", "spec"])
+def test_compression_fp16_has_horovods_semantics(which):
+    """compression= takes Horovod's class, gradcomp's object or a spec; fp16 keeps no residual
+    (Horovod's fp16 has no error feedback), and the average is the mean of the fp16-rounded grads."""
+    comp = {"horovod": horovod_compression_fp16 if which == "horovod" else None,
+            "gradcomp": lambda: hvd.Compression.fp16, "spec": lambda: "fp16"}[which]()
+    kw = {"compression": comp} if which != "spec" else {"compressor": comp}
+
+    def fn(comm):
+        grads, opt = one_step_grads(comm, **kw)
+        return grads, opt.gradient_sync.memory.spec(), opt.compressor.name
+
+    ref = [sum(g[i].half().float() for g in (local_grads(r) for r in range(N))) / N for i in range(4)]
+    for grads, mem, name in gradcomp.LocalWorld(N).run(fn):
+        assert name == "fp16" and mem == "none"
+        for a, b in zip(grads, ref):
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-4)
+
+
+def test_compressor_accepts_compression_object_and_explicit_residual():
+    m = make_model()
+    opt = wrap(m, gradcomp.comm.single.SingleCommunicator(), compressor=hvd.Compression.fp16)
+    assert opt.gradient_sync.memory.spec() == "none"
+    opt2 = wrap(m, gradcomp.comm.single.SingleCommunicator(), compressor="fp16", memory="residual")
+    assert opt2.gradient_sync.memory.name == "residual"
+    with pytest.raises(ValueError, match="not both"):
+        wrap(m, None, compressor="fp16", compression=hvd.Compression.fp16)
+    with pytest.raises(ValueError, match="'fp16', 'bf16'"):
+        wrap(m, None, compression=object())
+
+
+def test_op_sum_gives_the_sum_and_average_the_mean():
+    def fn(comm):
+        s, _ = one_step_grads(comm, op=hvd.Sum)
+        a, _ = one_step_grads(comm, op=hvd.Average, gradient_predivide_factor=2.0)
+        return s, a
+
+    ref = [sum(g[i] for g in (local_grads(r) for r in range(N))) for i in range(4)]
+    for s, a in gradcomp.LocalWorld(N).run(fn):
+        for x, y, r in zip(s, a, ref):
+            torch.testing.assert_close(x, r, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(y, r / N, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"op": hvd.Adasum}, "Adasum is not supported"),
+    ({"op": 7}, "not a reduction"),
+    ({"op": hvd.Sum, "gradient_predivide_factor": 2.0}, "only meaningful with op=Average"),
+    ({"gradient_predivide_factor": 0}, "positive"),
+    ({"groups": [[0]]}, "num_groups"),
+    ({"num_groups": 2, "bucket_mb": 1}, "not both"),
+    ({"process_set": type("PS", (), {"process_set_id": 3, "ranks": [0]})()}, "global set"),
+    ({"op": hvd.Sum, "sync": "localsgd:period=2"}, "op=Average"),
+])
+def test_bad_horovod_arguments_are_clear_errors(kw, match):
+    m = make_model()
+    with pytest.raises(ValueError, match=match):
+        wrap(m, gradcomp.comm.single.SingleCommunicator(), **kw)
+
+
+def test_num_groups_sets_the_bucket_count():
+    m = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
+                                   comm=gradcomp.comm.single.SingleCommunicator(), num_groups=4)
+    assert len(opt._buckets) == 4
+    hv = pytest.importorskip("horovod.torch")
+    wrap(make_model(), gradcomp.comm.single.SingleCommunicator(), process_set=hv.global_process_set)
+
+
+def test_sparse_as_dense_densifies_sparse_gradients():
+    def model():
+        emb = torch.nn.Embedding(10, 4, sparse=True)
+        with torch.no_grad():
+            emb.weight.copy_(torch.arange(40.0).reshape(10, 4) / 10)
+        return emb
+
+    def fn(comm):
+        emb = model()
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.5),
+                                       named_parameters=emb.named_parameters(), comm=comm, sparse_as_dense=True)
+        opt.zero_grad()
+        emb(torch.tensor([comm.rank, 3])).sum().backward()
+        opt.step()
+        return emb.weight.detach().clone()
+
+    outs = gradcomp.LocalWorld(N).run(fn)
+    ref = model().weight.detach().clone()
+    counts = torch.zeros(10)
+    for r in range(N):
+        counts[r] += 1
+        counts[3] += 1
+    ref -= 0.5 * (counts / N)[:, None]
+    for w in outs:
+        torch.testing.assert_close(w, ref)
+    emb = model()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.5), named_parameters=emb.named_parameters(),
+                                   comm=gradcomp.comm.single.SingleCommunicator())
+    with pytest.raises(TypeError, match="sparse_as_dense=True"):
+        emb(torch.tensor([1])).sum().backward()
+        opt.step()
+
+
+def test_collective_helpers_have_horovods_semantics():
+    def fn(comm):
+        r = comm.rank
+        t = torch.tensor([1.0 + r, 10.0 * r])
+        rows = torch.full((r + 1, 2), float(r))
+        return (hvd.allreduce(t, comm=comm), hvd.allreduce(t, op=hvd.Sum, comm=comm),
+                hvd.allreduce(t, average=False, comm=comm), hvd.allreduce(t, op=hvd.Max, comm=comm),
+                hvd.allreduce(t, op=hvd.Min, prescale_factor=2.0, postscale_factor=0.5, comm=comm),
+                hvd.allreduce(torch.tensor([3, 4]) * (r + 1), comm=comm),
+                hvd.allreduce(t, compression=hvd.Compression.fp16, comm=comm),
+                hvd.allgather(rows, comm=comm), hvd.broadcast(t, root_rank=1, comm=comm),
+                hvd.broadcast_(t.clone(), 0, comm=comm), hvd.join(comm=comm), hvd.barrier(comm=comm))
+
+    for out in gradcomp.LocalWorld(N).run(fn):
+        avg, s, s2, mx, mn, ints, f16, rows, b1, b0, last, _ = out
+        assert torch.equal(avg, torch.tensor([1.5, 5.0])) and torch.equal(s, torch.tensor([3.0, 10.0]))
+        assert torch.equal(s2, s) and torch.equal(mx, torch.tensor([2.0, 10.0]))
+        assert torch.equal(mn, torch.tensor([1.0, 0.0]))
+        assert ints.dtype == torch.int64 and torch.equal(ints, torch.tensor([4, 6]))
+        torch.testing.assert_close(f16, avg) and None
+        assert rows.shape == (3, 2) and torch.equal(rows[:, 0], torch.tensor([0.0, 1.0, 1.0]))
+        assert torch.equal(b1, torch.tensor([2.0, 10.0])) and torch.equal(b0, torch.tensor([1.0, 0.0]))
+        assert last in range(N)
+    with pytest.raises(ValueError, match="Adasum"):
+        hvd.allreduce(torch.ones(1), op=hvd.Adasum, comm=gradcomp.comm.single.SingleCommunicator())
+
+
+def test_topology_helpers():
+    from gradcomp import horovod_api as api
+    comm = type("C", (), {"rank": 3, "size": 4, "local_rank": 0})()
+    env = {"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    assert (api.local_size(comm, env), api.local_rank(comm, env), api.cross_size(comm, env),
+            api.cross_rank(comm, env)) == (2, 1, 2, 1)
+    assert api.local_size(comm, {}) == 4 and api.cross_size(comm, {}) == 1
+    for f in (hvd.nccl_built, hvd.mpi_built, hvd.gloo_built, hvd.is_initialized):
+        assert isinstance(f(), bool)
+
+
+def test_finalize_averages_a_run_not_ending_on_a_sync_step_and_stats_count_policy_bytes():
+    def fn(comm):
+        m = make_model()
+        opt = wrap(m, comm, sync="localsgd:period=4")
+        for s in range(6):                   # a sync after step 3, then 2 local steps
+            opt.zero_grad()
+            loss_of(m, s, comm.rank).backward()
+            opt.step()
+        before = [p.detach().clone() for p in m.parameters()]
+        sent_before = opt.stats()["policy"]["bytes_sent"]
+        did = opt.finalize()
+        again = opt.finalize()
+        return before, [p.detach().clone() for p in m.parameters()], sent_before, opt.stats(), did, again
+
+    (b0, a0, s0, st0, d0, g0), (b1, a1, *_ ) = gradcomp.LocalWorld(N).run(fn)
+    assert not torch.equal(b0[0], b1[0])                    # the ranks had drifted apart
+    for x, y, p, q in zip(a0, a1, b0, b1):
+        torch.testing.assert_close(x, y)
+        torch.testing.assert_close(x, (p + q) / 2)
+    nbytes = sum(p.numel() * 4 for p in a0)
+    assert d0 and not g0
+    assert s0 == nbytes and st0["policy"]["bytes_sent"] == 2 * nbytes
+    assert st0["bytes_sent_total"] == st0["bytes_sent"] + 2 * nbytes
+
+
+def test_ddp_hook_refuses_a_sync_policy(monkeypatch):
+    monkeypatch.setenv("GRADCOMP_SYNC", "localsgd:period=4")
+    from gradcomp_torch.ddp_hook import DDPHookState
+    with pytest.raises(ValueError, match="ddp_hook cannot run sync policy 'localsgd"):
+        DDPHookState("none", None, None, None, gradcomp.comm.single.SingleCommunicator(), None)
