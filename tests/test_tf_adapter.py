@@ -722,3 +722,15 @@ def test_tf_and_torch_same_payload_bytes_and_results(name):
         for k in a:
             scale = max(1e-6, float(np.abs(a[k]).max()))
             assert np.abs(a[k] - b[k]).max() <= 0.05 * scale + 1e-5, f"{name}/{k}"
+
+
+def test_make_comm_refuses_a_world_that_disagrees_with_the_launcher(monkeypatch):
+    """GRADCOMP_BACKEND=local under mpirun (2 processes) is an error, not two 1-rank jobs; a bad
+    timeout is refused before anything is built."""
+    from gradcomp.comm.launch import LauncherMismatchError
+    from gradcomp_tf import runtime
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(LauncherMismatchError, match="world of 1 rank"):
+        runtime.make_comm("local")
+    with pytest.raises(ValueError, match="timeout='soon' is not a number of seconds"):
+        runtime.make_comm("local", timeout="soon")
