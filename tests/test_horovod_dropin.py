@@ -1,0 +1,40 @@
+"""A Horovod script runs with gradcomp by changing its import (issue 16): Horovod's
+pytorch_synthetic_benchmark shape (tests/mpi_scripts/hvd_synthetic.py) under mpirun -np 2, with
+Compression.fp16, in the default mode and under GRADCOMP_SYNC=localsgd (finalize() makes the ranks
+equal although the run does not end on a sync step). Each launch has an outer timeout."""
+import importlib.util
+import os
+import shutil
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from gradcomp.comm.launch import JobTimeout, load_factor, run_job  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.mpi]
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TIMEOUT = float(os.environ.get("GRADCOMP_MPI_TEST_TIMEOUT", "600")) * load_factor()
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize("sync", ["", "localsgd:period=4"], ids=["allreduce", "localsgd"])
+def test_horovod_synthetic_benchmark_with_changed_import(sync):
+    exe = shutil.which("mpirun")
+    if exe is None or importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("needs mpirun and mpi4py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1", GRADCOMP_BACKEND="",
+               GRADCOMP_COMPRESSOR="", GRADCOMP_MEMORY="", GRADCOMP_SYNC=sync)
+    cmd = [exe, "--oversubscribe", "--allow-run-as-root", "-np", "2", "-x", "GRADCOMP_SYNC", sys.executable,
+           os.path.join(HERE, "mpi_scripts", "hvd_synthetic.py"), "--fp16-allreduce"]
+    try:
+        r = run_job(cmd, TIMEOUT, cwd=ROOT, env=env, retries=0, scale=False, label="mpirun hvd_synthetic.py")
+    except JobTimeout as e:
+        pytest.fail(f"{e} (killed)")
+    assert r.returncode == 0, r.output[-3000:]
+    assert "Total img/sec on 2 CPU(s)" in r.output, r.output[-3000:]
+    checks = [ln for ln in r.output.splitlines() if ln.startswith("CHECK ")]
+    assert len(checks) == 4 and all(" PASS" in ln for ln in checks), "\n".join(checks) or r.output[-3000:]
