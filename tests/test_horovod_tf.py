@@ -152,3 +152,25 @@ def test_learning_rate_callbacks_follow_horovods_formulas():
     cb = hvd.callbacks.LearningRateScheduleCallback(initial_lr=0.2, multiplier=0.5, start_epoch=1)
     hist = m.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[cb])
     np.testing.assert_allclose(hist.history["lr"], [0.2, 0.1], rtol=1e-6)
+
+
+def test_finalize_and_policy_bytes_in_tf():
+    """localsgd:period=2 over 3 steps ends on a local step: gradcomp_finalize() makes the ranks equal."""
+    def fn(comm):
+        m = tiny_model()
+        opt = hvd.DistributedOptimizer(keras.optimizers.SGD(LR), compressor="none", sync="localsgd:period=2",
+                                       backend=comm)
+        m.compile(optimizer=opt, loss=LOSS, run_eagerly=True)
+        for s in range(3):
+            m.train_on_batch(*batch(comm.rank, s))
+        before = [w.numpy().copy() for w in m.trainable_variables]
+        did = opt.gradcomp_finalize()
+        return before, [w.numpy() for w in m.trainable_variables], did, opt.gradcomp_stats()
+
+    (b0, a0, d0, s0), (b1, a1, d1, _) = gradcomp.LocalWorld(2, timeout=120).run(fn)
+    assert d0 and d1 and not np.array_equal(b0[0], b1[0])
+    for x, y, p, q in zip(a0, a1, b0, b1):
+        np.testing.assert_allclose(x, y, rtol=0, atol=0)
+        np.testing.assert_allclose(x, (p + q) / 2, rtol=1e-6, atol=1e-7)
+    nbytes = sum(w.size * 4 for w in a0)
+    assert s0["policy"]["bytes_sent"] == 2 * nbytes and s0["bytes_sent_total"] == s0["bytes_sent"] + 2 * nbytes
