@@ -21,7 +21,7 @@ GMC+ (`plus=true`), for aggressive compressors such as `rbgs`: this project's ru
 text is not available here (only its abstract, which describes GMC+ as GMC with "detached error
 feedback" for aggressive sparsifiers such as RBGS), so the rule below is our reading, measured
 against GMC and plain error feedback in tests/test_momentum_owners.py (impulse response) and
-tests/test_compressors_research.py (least squares, rbgs:ratio=0.01). An aggressive sparsifier
+tests/test_compressors_research.py (least squares, rbgs:ratio=0.1). An aggressive sparsifier
 sends a coordinate only every ~1/ratio steps; under GMC the momentum term travels through the
 compressor with the gradient, so on a coordinate that is not sent it waits in the error-feedback
 memory for that coordinate's next turn and arrives all at once, stale: the momentum acts per
