@@ -1,7 +1,9 @@
 """A Horovod script runs with gradcomp by changing its import (issue 16): Horovod's
 pytorch_synthetic_benchmark shape (tests/mpi_scripts/hvd_synthetic.py) under mpirun -np 2, with
 Compression.fp16, in the default mode and under GRADCOMP_SYNC=localsgd (finalize() makes the ranks
-equal although the run does not end on a sync step). Each launch has an outer timeout."""
+equal although the run does not end on a sync step). In the default mode the final parameters must be
+bit-identical to the same script run on Horovod itself (when horovod.torch is built). Each launch has
+an outer timeout."""
 import importlib.util
 import os
 import shutil
@@ -28,13 +30,23 @@ def test_horovod_synthetic_benchmark_with_changed_import(sync):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1", GRADCOMP_BACKEND="",
                GRADCOMP_COMPRESSOR="", GRADCOMP_MEMORY="", GRADCOMP_SYNC=sync)
-    cmd = [exe, "--oversubscribe", "--allow-run-as-root", "-np", "2", "-x", "GRADCOMP_SYNC", sys.executable,
-           os.path.join(HERE, "mpi_scripts", "hvd_synthetic.py"), "--fp16-allreduce"]
-    try:
-        r = run_job(cmd, TIMEOUT, cwd=ROOT, env=env, retries=0, scale=False, label="mpirun hvd_synthetic.py")
-    except JobTimeout as e:
-        pytest.fail(f"{e} (killed)")
-    assert r.returncode == 0, r.output[-3000:]
+    cmd = [exe, "--oversubscribe", "--allow-run-as-root", "-np", "2", "-x", "GRADCOMP_SYNC", "-x", "HVD_REAL",
+           sys.executable, os.path.join(HERE, "mpi_scripts", "hvd_synthetic.py"), "--fp16-allreduce"]
+
+    def launch(real):
+        try:
+            r = run_job(cmd, TIMEOUT, cwd=ROOT, env=dict(env, HVD_REAL=real), retries=0, scale=False,
+                        label="mpirun hvd_synthetic.py")
+        except JobTimeout as e:
+            pytest.fail(f"{e} (killed)")
+        assert r.returncode == 0, r.output[-3000:]
+        return r
+
+    r = launch("")
+    if not sync and importlib.util.find_spec("horovod") is not None and importlib.util.find_spec("horovod.torch"):
+        ours = [ln for ln in r.output.splitlines() if ln.startswith("PARAMS")]
+        theirs = [ln for ln in launch("1").output.splitlines() if ln.startswith("PARAMS")]
+        assert ours and ours == theirs, (ours, theirs)      # bit-identical to Horovod's own fp16 run
     assert "Total img/sec on 2 CPU(s)" in r.output, r.output[-3000:]
     checks = [ln for ln in r.output.splitlines() if ln.startswith("CHECK ")]
     assert len(checks) == 4 and all(" PASS" in ln for ln in checks), "\n".join(checks) or r.output[-3000:]

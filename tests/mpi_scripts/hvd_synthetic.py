@@ -13,7 +13,10 @@ import torch.nn.functional as F
 import torch.optim as optim
 import torch.utils.data.distributed
 
-import gradcomp_torch as hvd          # was: import horovod.torch as hvd
+if os.environ.get("HVD_REAL"):         # the same script on Horovod itself, to compare the results
+    import horovod.torch as hvd
+else:
+    import gradcomp_torch as hvd      # was: import horovod.torch as hvd
 
 # Benchmark settings
 parser = argparse.ArgumentParser(description='PyTorch Synthetic Benchmark',
@@ -98,6 +101,12 @@ log('Total img/sec on %d %s(s): %.1f +-%.1f' %
     (hvd.size(), device, hvd.size() * img_sec_mean, hvd.size() * img_sec_conf))
 
 # ---------------------------------------------------------------- gradcomp checks (not Horovod's script)
+flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+if hvd.rank() == 0:
+    import hashlib
+    print(f"PARAMS sha256={hashlib.sha256(flat.numpy().tobytes()).hexdigest()}")
+if os.environ.get("HVD_REAL"):
+    raise SystemExit(0)
 optimizer.finalize()                         # local SGD (GRADCOMP_SYNC) may not end on a sync step
 flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 rows = hvd.allgather(flat[None])
