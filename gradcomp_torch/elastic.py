@@ -178,6 +178,35 @@ def run(func):
 
 
 # ------------------------------------------------------------------------------- torchrun elastic
+def init_torchrun(timeout="default"):
+    """Create the process group of this torchrun attempt and gradcomp_torch's default communicator.
+
+    torchrun keeps one rendezvous store across restarts; the process group's keys are put under a
+    prefix of the attempt (TORCHELASTIC_RESTART_COUNT), so a restarted worker never reads a
+    peer's address from the attempt before (whose process is gone)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from gradcomp.comm.torch_dist import TorchDistCommunicator, destroy_at_exit
+    from gradcomp.config import resolve_timeout
+    t = resolve_timeout(timeout)
+    if not dist.is_initialized():
+        env = os.environ
+        attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), size, is_master=False,
+                              timeout=datetime.timedelta(seconds=t or 1800), use_libuv=True)
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        if backend == "nccl" and "LOCAL_RANK" in env:
+            torch.cuda.set_device(int(env["LOCAL_RANK"]))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"gradcomp/attempt{attempt}", store),
+                                rank=rank, world_size=size,
+                                **({"timeout": datetime.timedelta(seconds=t)} if t else {}))
+        destroy_at_exit(dist)
+    return runtime.init(comm=TorchDistCommunicator(timeout=t))
+
+
 def save_elastic(path: str, model, opt, extra=None):
     """Collective: one checkpoint with every rank's gradcomp part keyed by (rank, world size);
     rank 0 writes it (atomically, sha256-checked). Returns the path on rank 0, None elsewhere."""

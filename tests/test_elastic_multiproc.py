@@ -98,3 +98,31 @@ def test_horovod_elastic_expand_and_graceful_shrink(tmp_path):
         if e["event"] == "step" and e["size"] == 2:
             steps2.setdefault(e["batch"], {})[e["rank"]] = e["params"]
     assert steps2 and all(len(v) == 2 and v[0] == v[1] for v in steps2.values()), steps2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@LAUNCH
+def test_torchrun_elastic_resumes_after_a_sigkill(tmp_path):
+    """torchrun --nnodes=1:2 --max-restarts=1: rank 1 SIGKILLs itself at batch 5; no rank hangs (the
+    job ends within the timeout), every rank resumes from the last commit (batch 4) with its own
+    residuals (keyed by rank and world size), and training ends at batch 12 with identical ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=2", "--max-restarts=1",
+           "--rdzv-backend=c10d", "--rdzv-conf=last_call_timeout=1", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+           os.path.join(SCRIPTS, "torch_torchrun_elastic.py"), "--dir", str(tmp_path)]
+    rc, out = _run(cmd, "torchrun elastic")
+    ev = _events(tmp_path)
+    assert rc == 0 and "DONE 0" in out and "DONE 1" in out, out[-3000:]
+    assert [e["batch"] for e in ev if e["event"] == "die"] == [5]
+    for r in (0, 1):
+        back = [e for e in ev if e["event"] == "resumed" and e["rank"] == r and e["restart"] == 1]
+        commit4 = [e for e in ev if e["event"] == "commit" and e["rank"] == r and e["restart"] == 0 and e["batch"] == 4]
+        assert back and commit4 and back[0]["batch"] == 4 and back[0]["step"] == 4
+        assert back[0]["residual"] == commit4[0]["residual"] > 0          # its own residuals, not zero
+    done = [e for e in ev if e["event"] == "done"]
+    assert len(done) == 2 and all(e["batch"] == 12 and e["step"] == 12 for e in done)
+    assert done[0]["params"] == done[1]["params"]
