@@ -103,6 +103,13 @@ class Backend:
         parts = self.split(x, list(lengths)) if len(lengths) > 1 else [x]
         return self.cat([self.reshape(self.amax(p), (1,)) for p in parts])
 
+    def native_uniform(self, key, n: int, like):
+        """n float32 uniforms in [0, 1) from the framework's own generator seeded by key (k1, k2):
+        reproducible for a key on this backend, not bit-identical across backends (numpy: PCG64)."""
+        import numpy as np
+        k1, k2 = key
+        return self.from_numpy(np.random.default_rng([int(k1), int(k2)]).random(n, dtype=np.float32), like)
+
     def lengths_array(self, lengths, like, dtype: str):
         """The segment lengths as a 1-D array of dtype on like's device (backends may cache it)."""
         import numpy as np

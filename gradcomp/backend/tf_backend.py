@@ -111,6 +111,10 @@ class TFBackend(Backend):
         return tf.tensor_scatter_nd_update(x, tf.reshape(idx, [-1, 1]), tf.zeros(tf.shape(idx)[:1], x.dtype))
     def sort(self, x): return tf.sort(x)
 
+    def native_uniform(self, key, n, like):
+        seed = tf.cast(tf.stack([key[0], key[1]]), tf.int64)      # ints or traced key tensors
+        return tf.random.stateless_uniform([n], seed=seed, dtype=tf.float32)
+
     def traced_key(self, seed, step, name, purpose):
         """The (seed, step, name, purpose) key with `step` a tensor: derived on the host per execution."""
         from gradcomp.rng import derive_key

@@ -212,6 +212,11 @@ class TorchBackend(Backend):
             t = _UNPACK[key] = torch.tensor(list(lengths), dtype=dtype, device=dev)
         return t
     def lengths_array(self, lengths, like, dtype): return self._lengths(lengths, like.device, _DT[dtype])
+    def native_uniform(self, key, n, like):
+        # torch's Philox/MT generator on the array's device, seeded from the key: one kernel
+        g = torch.Generator(device=like.device)
+        g.manual_seed((int(key[0]) << 31) | int(key[1]))
+        return torch.rand(n, generator=g, dtype=torch.float32, device=like.device)
     def segment_sum(self, x, lengths):
         if len(lengths) == 1:
             return x.sum().reshape(1)

@@ -12,14 +12,16 @@ Payload: [bucket norms as float32, signed levels]. Levels travel as int8 when th
 (s >= 64) and otherwise, tighter, as ceil(log2(2s+1)) packed bit planes of (level + s): s=1 is
 2 bits per entry, s=7 is 4 bits. The norm is computed in float64 and rounded to float32 once,
 and the decoder uses the same float32 norm, so every backend produces the same bytes. The
-randomness is private to each rank (key "qsgd/<rank>"), reproducible per (seed, step, name).
+randomness is private to each rank (key "qsgd/<rank>"), reproducible per (seed, step, name);
+rng=native draws it with the framework's own seeded generator (one kernel) instead of the
+counter-based stream: still reproducible per key on one backend, but not bit-identical across them.
 The default bucket of 512 entries is the paper's setting (0.8% more bytes than one norm; on a
 1M-entry Gaussian the relative error drops from 2.29 with bucket=0 to 0.073); bucket=0 (one norm)
 keeps the payload minimal but its variance grows like sqrt(n)/s. Not summable (per-rank norms). No error feedback in
 the paper: default memory none.
 """
 from gradcomp.compressors.base import Compressor
-from gradcomp.compressors.signs import (compute_dtype, neg_bits, pack_uint, private_uniform,
+from gradcomp.compressors.signs import (RNG_PARAM, compute_dtype, neg_bits, pack_uint, private_uniform,
                                         stochastic_round, unpack_uint)
 from gradcomp.params import Param
 
@@ -32,6 +34,7 @@ class QSGDCompressor(Compressor):
     params = {
         "levels": Param(int, 127, "quantization levels s per sign (1..127)", lo=1, hi=127),
         "bucket": Param(int, 512, "entries per norm (paper: 512; 0 = one norm for the whole tensor)", lo=0),
+        "rng": RNG_PARAM,
     }
 
     @property
@@ -69,7 +72,8 @@ class QSGDCompressor(Compressor):
         nw = b.cast(norms, "float64")
         f = b.cast(s / b.where(nw > 0, nw, b.zeros_like(nw) + 1), dt)     # s / ||x||, one rounding on every backend
         lv = b.minimum(stochastic_round(b, self._per_bucket(b, b.abs(x), f, nb, n),
-                                        private_uniform(ctx, "qsgd", n, x, dt)), float(s))
+                                        private_uniform(ctx, "qsgd", n, x, dt, self.rng == "native")),
+                       float(s))
         lv = b.cast(lv, "int32")
         neg = b.cast(neg_bits(x), "int32")
         if self.bits == 8:

@@ -99,10 +99,20 @@ def unpack_uint(b, packed, n: int, bits: int):
 
 
 # --------------------------------------------------------------------------- randomness
-def private_uniform(ctx, purpose: str, n: int, like, dtype: str):
-    """n uniforms in [0, 1) private to this rank (key (seed, step, name, purpose/rank)), as dtype."""
+def private_uniform(ctx, purpose: str, n: int, like, dtype: str, native: bool = False):
+    """n uniforms in [0, 1) private to this rank (key (seed, step, name, purpose/rank)), as dtype.
+    native=False: the counter-based stream (bit-identical on every backend); native=True: the
+    framework's own seeded generator (backend.native_uniform: one kernel; the same draws for the
+    same key on the same backend, so a resumed run repeats them, but different across backends)."""
     b = ctx.backend
-    return b.cast(rng.uniform(b, ctx.key(f"{purpose}/{ctx.rank}"), n, like), dtype)
+    key = ctx.key(f"{purpose}/{ctx.rank}")
+    u = b.native_uniform(key, n, like) if native else rng.uniform(b, key, n, like)
+    return b.cast(u, dtype)
+
+
+RNG_PARAM = Param(str, "counter", "private random stream: counter (bit-identical on every backend) or "
+                  "native (the framework's seeded generator: faster, reproducible per backend)",
+                  choices=("counter", "native"))
 
 
 def stochastic_round(b, y, u):

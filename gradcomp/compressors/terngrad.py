@@ -11,11 +11,13 @@ c = 2.5); this shrinks s and the variance, and T is then unbiased for the clippe
 Wire: [s as float32, packbits(b), packbits(x < 0)]: 2 bits per entry plus 4 bytes (~16x).
 Not summable (per-rank scale). No error feedback in the paper: default memory none. A fused
 bucket keeps s (and sigma) per tensor by segmented reductions and sends the T scales; its
-Bernoulli draws come from the bucket's private stream.
+Bernoulli draws come from the bucket's private stream. rng=native draws the uniforms with the
+framework's own seeded generator (one kernel) instead of the counter-based stream: reproducible
+per (seed, step, name, rank) on one backend, not bit-identical across backends.
 """
 from gradcomp.compressors.base import Compressor
-from gradcomp.compressors.signs import (compute_dtype, neg_bits, private_uniform, scalar_to_wire, segmented,
-                                        spread, unpack_signs)
+from gradcomp.compressors.signs import (RNG_PARAM, compute_dtype, neg_bits, private_uniform, scalar_to_wire,
+                                        segmented, spread, unpack_signs)
 from gradcomp.params import Param
 
 
@@ -25,7 +27,8 @@ class TernGradCompressor(Compressor):
     default_memory = "none"
     paper = "Wen et al. TernGrad: Ternary Gradients to Reduce Communication in Distributed Deep Learning. NeurIPS 2017"
     fusion = "correct"          # per-tensor scales (segmented), but the bucket's own random draws
-    params = {"clip": Param(float, 0.0, "clip to +-clip*std(x) first (paper: 2.5; 0 = off)", lo=0.0)}
+    params = {"clip": Param(float, 0.0, "clip to +-clip*std(x) first (paper: 2.5; 0 = off)", lo=0.0),
+              "rng": RNG_PARAM}
 
     def compress(self, x, state, ctx):
         b, dt = ctx.backend, compute_dtype(ctx)
@@ -47,7 +50,7 @@ class TernGradCompressor(Compressor):
         s64 = b.cast(s32, "float64")
         inv = b.cast(1.0 / b.where(s64 > 0, s64, b.zeros_like(s64) + 1), dt)   # one rounding on every backend
         p = ax * spread(b, inv, ctx)
-        keep = private_uniform(ctx, "terngrad", ctx.numel, x, dt) < p
+        keep = private_uniform(ctx, "terngrad", ctx.numel, x, dt, self.rng == "native") < p
         return [s32, b.packbits(keep), b.packbits(neg_bits(x))], None
 
     def decompress(self, payload, info, ctx):
