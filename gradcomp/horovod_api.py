@@ -128,6 +128,12 @@ def bucket_mb_for_groups(num_groups, groups, total_bytes: int, where="Distribute
 
 
 # ------------------------------------------------------------------------------- collectives
+def _c(x) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    x = np.asarray(x)
+    return x if x.flags.c_contiguous else x.copy(order="C")
+
+
 def _scalar(h):
     return np.asarray(h.wait())
 
@@ -148,7 +154,7 @@ def allreduce(comm, x: np.ndarray, op=None, average=None, prescale_factor=1.0, p
     op = int(op)
     if op == Adasum:
         raise ValueError("allreduce: op=Adasum is not supported by gradcomp; use Average or Sum")
-    x = np.ascontiguousarray(x)
+    x = _c(x)
     shape, dtype = x.shape, x.dtype
     wide = np.float64 if dtype == np.float64 else (np.float32 if np.issubdtype(dtype, np.floating) else dtype)
     v = x.reshape(-1).astype(wide, copy=True)
@@ -172,7 +178,7 @@ def allreduce(comm, x: np.ndarray, op=None, average=None, prescale_factor=1.0, p
 
 def allgather(comm, x: np.ndarray, name="allgather") -> np.ndarray:
     """Concatenate every rank's array along the first dimension (which may differ between ranks)."""
-    x = np.ascontiguousarray(x)
+    x = _c(x)
     if x.ndim == 0:
         x = x.reshape(1)
     if comm.size == 1:
@@ -196,7 +202,7 @@ def broadcast(comm, x: np.ndarray, root_rank=0, name="broadcast") -> np.ndarray:
     """root_rank's array on every rank (a new array; same shape and dtype as `x` on every rank)."""
     if not 0 <= int(root_rank) < comm.size:
         raise ValueError(f"broadcast: root_rank={root_rank} is not a rank of this {comm.size}-rank job")
-    x = np.ascontiguousarray(x)
+    x = _c(x)
     if comm.size == 1:
         return x.copy()
     v = x.reshape(-1)

@@ -34,7 +34,9 @@ def _host(t):
 
 
 def _back(a, like):
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device=like.device, dtype=like.dtype)
+    a = np.asarray(a)
+    a = a if a.flags.c_contiguous else a.copy(order="C")          # 0-d stays 0-d
+    return torch.from_numpy(a).to(device=like.device, dtype=like.dtype)
 
 
 def _compression(compression):

@@ -109,6 +109,7 @@ def test_collectives_single_process_and_callable_broadcast():
     hvd.init()
     t = tf.constant([1.0, 3.0])
     assert np.array_equal(hvd.allreduce(t).numpy(), [1.0, 3.0])
+    assert hvd.allreduce(tf.constant(2.5)).shape == () and float(hvd.allreduce(tf.constant(2.5))) == 2.5
     assert np.array_equal(hvd.allreduce(t, op=hvd.Sum, postscale_factor=2.0).numpy(), [2.0, 6.0])
     assert hvd.allgather(tf.ones((2, 3))).shape == (2, 3)
     assert np.array_equal(hvd.broadcast(t, root_rank=0).numpy(), [1.0, 3.0])     # the module is callable
