@@ -136,7 +136,8 @@ def DistributedOptimizer(optimizer, compressor=None, memory=None, backend=None, 
     hvd_api.check_process_set(process_set)
     hvd_api.bucket_mb_for_groups(num_groups, groups, 1)
     if average_aggregated_gradients not in (None, True, False):
-        raise ValueError(f"average_aggregated_gradients must be True, False or None, got {average_aggregated_gradients!r}")
+        raise ValueError("average_aggregated_gradients must be True, False or None, got "
+                         f"{average_aggregated_gradients!r}")
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError(f"DistributedOptimizer wraps a Keras 3 optimizer (keras.optimizers.Optimizer), got "
                         f"{type(optimizer).__name__}; for a custom loop use gradcomp_tf.DistributedGradientTape")

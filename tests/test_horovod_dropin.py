@@ -50,3 +50,26 @@ def test_horovod_synthetic_benchmark_with_changed_import(sync):
     assert "Total img/sec on 2 CPU(s)" in r.output, r.output[-3000:]
     checks = [ln for ln in r.output.splitlines() if ln.startswith("CHECK ")]
     assert len(checks) == 4 and all(" PASS" in ln for ln in checks), "\n".join(checks) or r.output[-3000:]
+
+
+@pytest.mark.tf
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_horovod_tf2_examples_with_changed_import():
+    """Horovod's tensorflow2_mnist (tape in tf.function, fp16) and tensorflow2_keras_mnist (fit with
+    BroadcastGlobalVariables, MetricAverage, LearningRateWarmup) shapes under mpirun -np 2."""
+    pytest.importorskip("tensorflow")
+    exe = shutil.which("mpirun")
+    if exe is None or importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("needs mpirun and mpi4py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1", GRADCOMP_BACKEND="",
+               GRADCOMP_COMPRESSOR="", GRADCOMP_MEMORY="", GRADCOMP_SYNC="", TF_CPP_MIN_LOG_LEVEL="2")
+    cmd = [exe, "--oversubscribe", "--allow-run-as-root", "-np", "2", "-x", "TF_CPP_MIN_LOG_LEVEL", sys.executable,
+           os.path.join(HERE, "mpi_scripts", "hvd_tf_shapes.py")]
+    try:
+        r = run_job(cmd, TIMEOUT, cwd=ROOT, env=env, retries=0, scale=False, label="mpirun hvd_tf_shapes.py")
+    except JobTimeout as e:
+        pytest.fail(f"{e} (killed)")
+    assert r.returncode == 0, r.output[-3000:]
+    checks = [ln for ln in r.output.splitlines() if ln.startswith("CHECK ")]
+    assert len(checks) == 5 and all(" PASS" in ln for ln in checks), "\n".join(checks) or r.output[-3000:]
