@@ -1,0 +1,30 @@
+#!/bin/bash
+# Elastic training recipe on one machine (Horovod Elastic, localhost): digits with top-k + error
+# feedback while the world grows 2 -> 3 -> 4 and shrinks 4 -> 2 (graceful), then the same training at
+# a fixed 2 ranks for comparison. Needs Horovod (bash mpi/build_horovod.sh) and scikit-learn.
+#   bash mpi/elastic_recipe.sh [WORKDIR]
+# For the latencies (expand / shrink / kill-and-restart) run benchmarks/elastic_bench.py.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+D="${1:-$(mktemp -d /tmp/gradcomp-elastic-XXXX)}"
+mkdir -p "$D"
+echo "localhost:2" > "$D/hosts"
+printf '#!/bin/sh\ncat %s\n' "$D/hosts" > "$D/discover.sh"
+chmod +x "$D/discover.sh"
+export PYTHONPATH="$ROOT:${PYTHONPATH:-}" OMP_NUM_THREADS=1
+# --network-interface lo: without it the elastic driver probes interfaces and, on some machines,
+# never starts the workers
+timeout 900 horovodrun -np 2 --min-np 2 --max-np 4 --network-interface lo --host-discovery-script "$D/discover.sh" \
+    python "$ROOT/examples/torch_elastic.py" --hosts "$D/hosts" --schedule 30:3,60:4,90:2 --events "$D/elastic.jsonl" \
+    2>&1 | grep -E "ACC|Error|error" || true
+echo "localhost:2" > "$D/hosts"
+timeout 900 horovodrun -np 2 --min-np 2 --max-np 2 --network-interface lo --host-discovery-script "$D/discover.sh" \
+    python "$ROOT/examples/torch_elastic.py" --events "$D/fixed.jsonl" 2>&1 | grep -E "ACC|Error|error" || true
+python - "$D" <<'PY'
+import json, sys
+for name in ("elastic", "fixed"):
+    ev = [json.loads(l) for l in open(f"{sys.argv[1]}/{name}.jsonl")]
+    sizes = [e["size"] for e in sorted(ev, key=lambda e: e["t"]) if e["event"] == "first_step" and e["rank"] == 0]
+    done = [e for e in ev if e["event"] == "done" and e["rank"] == 0][0]
+    print(f"{name}: worlds {' -> '.join(map(str, sizes))}, steps {done['step']}, accuracy {done['acc']:.2f}%")
+PY
