@@ -11,6 +11,7 @@ convert their tensors):
      gradcomp's `Compression.<name>` objects, or any gradcomp compressor spec string ("topk:ratio=0.01").
      A Compression *object* means Horovod's semantics: the compressor with no error feedback
      (memory "none"); a spec string means gradcomp's (memory "auto": residuals for lossy ones).
+     `compression=Compression.none` (Horovod's default) leaves the choice to GRADCOMP_COMPRESSOR.
    - `op=`: Average (0, default) or Sum (1) -- Horovod's constants are these ints, so `hvd.Average`
      works too; Adasum (2) raises (gradcomp has no Adasum reduction).
 2. The collectives Horovod users call directly: `allreduce` (Average / Sum / Min / Max / Product,
@@ -66,9 +67,18 @@ def compressor_arg(compressor, compression, memory):
     if given is None:
         return None, memory
     spec, mem = compression_spec(given, where)
+    if compression is not None and mem is not None and _name(spec) == "none":
+        # Horovod's default `compression=hvd.Compression.none` says "no compression asked for": the
+        # environment decides (GRADCOMP_COMPRESSOR, default none), so a Horovod script runs every
+        # gradcomp mode with only its import changed
+        return None, memory
     if mem is not None and memory is None:
         memory = mem
     return spec, memory
+
+
+def _name(spec) -> str:
+    return spec if isinstance(spec, str) else getattr(spec, "name", "")
 
 
 def check_op(op, gradient_predivide_factor=1.0, where="DistributedOptimizer") -> int:

@@ -1,7 +1,7 @@
 """A Horovod script runs with gradcomp by changing its import (issue 16): Horovod's
 pytorch_synthetic_benchmark shape (tests/mpi_scripts/hvd_synthetic.py) under mpirun -np 2, with
-Compression.fp16, in the default mode and under GRADCOMP_SYNC=localsgd (finalize() makes the ranks
-equal although the run does not end on a sync step). In the default mode the final parameters must be
+Compression.fp16 in the default mode, and with Compression.none under GRADCOMP_COMPRESSOR=topk and
+GRADCOMP_SYNC=localsgd (the environment picks the mode; finalize() makes the ranks equal although the run does not end on a sync step). In the default mode the final parameters must be
 bit-identical to the same script run on Horovod itself (when horovod.torch is built). Each launch has
 an outer timeout."""
 import importlib.util
@@ -22,16 +22,19 @@ TIMEOUT = float(os.environ.get("GRADCOMP_MPI_TEST_TIMEOUT", "600")) * load_facto
 
 
 @pytest.mark.timeout(TIMEOUT + 60)
-@pytest.mark.parametrize("sync", ["", "localsgd:period=4"], ids=["allreduce", "localsgd"])
-def test_horovod_synthetic_benchmark_with_changed_import(sync):
+@pytest.mark.parametrize("sync,compressor", [("", ""), ("localsgd:period=4", "topk:ratio=0.1")],
+                         ids=["allreduce-fp16", "localsgd-topk"])
+def test_horovod_synthetic_benchmark_with_changed_import(sync, compressor):
     exe = shutil.which("mpirun")
     if exe is None or importlib.util.find_spec("mpi4py") is None:
         pytest.skip("needs mpirun and mpi4py")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1", GRADCOMP_BACKEND="",
-               GRADCOMP_COMPRESSOR="", GRADCOMP_MEMORY="", GRADCOMP_SYNC=sync)
+               GRADCOMP_COMPRESSOR=compressor, GRADCOMP_MEMORY="", GRADCOMP_SYNC=sync)
     cmd = [exe, "--oversubscribe", "--allow-run-as-root", "-np", "2", "-x", "GRADCOMP_SYNC", "-x", "HVD_REAL",
-           sys.executable, os.path.join(HERE, "mpi_scripts", "hvd_synthetic.py"), "--fp16-allreduce"]
+           "-x", "GRADCOMP_COMPRESSOR", sys.executable, os.path.join(HERE, "mpi_scripts", "hvd_synthetic.py")]
+    if not compressor:
+        cmd.append("--fp16-allreduce")      # else Compression.none: GRADCOMP_COMPRESSOR decides
 
     def launch(real):
         try:
@@ -49,7 +52,7 @@ def test_horovod_synthetic_benchmark_with_changed_import(sync):
         assert ours and ours == theirs, (ours, theirs)      # bit-identical to Horovod's own fp16 run
     assert "Total img/sec on 2 CPU(s)" in r.output, r.output[-3000:]
     checks = [ln for ln in r.output.splitlines() if ln.startswith("CHECK ")]
-    assert len(checks) == 4 and all(" PASS" in ln for ln in checks), "\n".join(checks) or r.output[-3000:]
+    assert len(checks) == 5 and all(" PASS" in ln for ln in checks), "\n".join(checks) or r.output[-3000:]
 
 
 @pytest.mark.tf

@@ -84,6 +84,18 @@ def test_compressor_accepts_compression_object_and_explicit_residual():
         wrap(m, None, compression=object())
 
 
+def test_compression_none_leaves_the_compressor_to_the_environment(monkeypatch):
+    """Horovod scripts pass compression=hvd.Compression.none by default: GRADCOMP_COMPRESSOR decides."""
+    monkeypatch.setenv("GRADCOMP_COMPRESSOR", "topk:ratio=0.5")
+    one = gradcomp.comm.single.SingleCommunicator()
+    for none in (hvd.Compression.none, type("NoneCompressor", (), {"__module__": "horovod.torch.compression"})):
+        opt = wrap(make_model(), one, compression=none)
+        assert opt.compressor.name == "topk" and opt.gradient_sync.memory.name == "residual"
+    assert wrap(make_model(), one, compression=hvd.Compression.fp16).compressor.name == "fp16"
+    monkeypatch.delenv("GRADCOMP_COMPRESSOR")
+    assert wrap(make_model(), one, compression=hvd.Compression.none).compressor.name == "none"
+
+
 def test_op_sum_gives_the_sum_and_average_the_mean():
     def fn(comm):
         s, _ = one_step_grads(comm, op=hvd.Sum)

@@ -122,5 +122,9 @@ if hvd.rank() == 0:
     print(f"CHECK collectives[{mode}] {'PASS' if ok else 'FAIL'} mean_rank={mean_rank} total={total}")
     want = "none" if args.fp16_allreduce or optimizer.compressor.name == "none" else None
     print(f"CHECK fp16_memory_none[{mode}] {'PASS' if want is None or memory == want else 'FAIL'} {memory}")
+    env_comp = (os.environ.get("GRADCOMP_COMPRESSOR") or "none").split(":")[0]
+    got = optimizer.compressor.name
+    ok = got == ("fp16" if args.fp16_allreduce else env_comp)      # Compression.none: the environment decides
+    print(f"CHECK compressor[{mode}] {'PASS' if ok else 'FAIL'} {got}")
     sent = stats["bytes_sent_total"] > 0
     print(f"CHECK bytes_sent[{mode}] {'PASS' if sent else 'FAIL'} {stats['bytes_sent']} {stats['policy']}")
