@@ -51,6 +51,8 @@ def parse(argv=None):
     p.add_argument("--checkpoint", help="save_checkpoint at every commit (rank 0)")
     p.add_argument("--resume", help="load this checkpoint first")
     p.add_argument("--stop-after", type=int, default=0, help="exit after this many steps of this process")
+    p.add_argument("--kill-at", type=int, default=0, help="the last rank SIGKILLs itself after this step "
+                   "(first time only: a marker file next to --events)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -108,6 +110,12 @@ def main(argv=None):
             if first:
                 emit(event="first_step", step=s)
                 first = False
+            marker = f"{a.events or '/tmp/gradcomp-elastic'}.killed"
+            if a.kill_at and s == a.kill_at and hvd.rank() == hvd.size() - 1 and hvd.size() > 1 \
+                    and not os.path.exists(marker):
+                open(marker, "w").close()
+                emit(event="kill", step=s)
+                os.kill(os.getpid(), 9)
             if s in schedule and hvd.size() != schedule[s]:
                 if hvd.rank() == 0 and a.hosts:
                     with open(a.hosts + ".tmp", "w") as f:

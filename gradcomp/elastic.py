@@ -124,6 +124,14 @@ def flush(sync, *, name: str = "elastic.flush") -> dict:
     return summed
 
 
+def abandon(sync):
+    """Forget a step in flight (started, not finished) after a failure: its collectives belonged to
+    a world that is gone. Nothing of it was committed (GradientSync commits only in finish())."""
+    for bk in sync._buckets:
+        bk.handles = []
+    sync._buckets = []
+
+
 def zero_per_rank(sync):
     """Restart every per-rank state of `sync` at zero (replicated state kept): the failure rule."""
     sync.load_replicated_state_dict(sync.replicated_state_dict())
@@ -192,6 +200,7 @@ class Elastic:
     def restore(self):
         """Failure rule: back to the last commit's replicated state; per-rank state restarts at zero."""
         rep = _copy_tree(self._committed)
+        abandon(self.sync)
         self.sync.load_replicated_state_dict(rep["sync"])
         if self.policy is not None and "policy" in rep:
             self.policy.load_replicated_state_dict(rep["policy"])

@@ -96,6 +96,13 @@ def _saved(opt) -> dict:
     return {"inner": copy.deepcopy(opt.inner.state_dict()), "replicated": copy.deepcopy(opt.replicated_state_dict())}
 
 
+def _abandon_step(opt):
+    """After a failure the step in flight is lost: drop its pending collectives (their engine is gone)."""
+    with opt._lock:
+        core.abandon(opt.gradient_sync)
+        opt._reset_step_state()
+
+
 def _restore_saved(opt, saved: dict):
     saved = copy.deepcopy(saved)
     opt.inner.load_state_dict(saved["inner"])
@@ -116,6 +123,7 @@ class DistributedOptimizerStateHandler(_StateHandler):
         self._saved = _saved(self.value)
 
     def restore(self):
+        _abandon_step(self.value)           # a rank died, maybe mid-step
         _restore_saved(self.value, self._saved)
 
     def flush(self) -> dict:

@@ -112,3 +112,31 @@ def test_resize_refused_under_a_periodic_policy(tmp_path):
                                    compressor="none", sync="localsgd:period=2", comm=gradcomp.SingleCommunicator())
     with pytest.raises(ValueError, match="same world size"):
         gce.load_elastic(path, m, opt)
+
+
+def test_failure_restore_mid_step_rolls_back_with_zero_residuals():
+    """What TorchState.restore does after HorovodInternalError: the step in flight (backward done,
+    collectives issued) is dropped, the last commit comes back, residuals restart at zero, and
+    training goes on with identical ranks."""
+    def fn(comm):
+        m, opt = build(comm)
+        train(m, opt, comm, range(2))
+        saved = gce._saved(opt)
+        params = flat(m).clone()
+        train(m, opt, comm, [2])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(X[3, comm.rank]), Y[3, comm.rank]).backward()   # in flight
+        with torch.no_grad():                               # the model handler's restore
+            off = 0
+            for p in m.parameters():
+                p.copy_(params[off:off + p.numel()].view_as(p))
+                off += p.numel()
+        gce._abandon_step(opt)
+        gce._restore_saved(opt, saved)
+        gs = opt.gradient_sync
+        ok = gs.steps == 2 and opt._step == 2 and all(not torch.any(torch.as_tensor(gs.residual(n))) for n in gs._mem)
+        train(m, opt, comm, [2, 3])
+        return ok, flat(m)
+
+    (ok0, a), (ok1, b) = gradcomp.LocalWorld(2, timeout=120).run(fn)
+    assert ok0 and ok1 and torch.equal(a, b)
