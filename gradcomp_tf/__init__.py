@@ -17,6 +17,7 @@ compression=/op=/average_aggregated_gradients= are accepted, allreduce, allgathe
 """
 from gradcomp_tf import callbacks
 from gradcomp_tf.broadcast import broadcast_exchange_state, broadcast_variables
+from gradcomp_tf.collectives import allgather_object, shutdown  # noqa: F401
 from gradcomp_tf.collectives import (Adasum, Average, Max, Min, Product, Sum, allgather, allreduce,  # noqa: F401
                                      barrier, broadcast_object, cross_rank, cross_size, cuda_built, gloo_built,
                                      grouped_allreduce, is_initialized, join, local_size, mpi_built, mpi_enabled,
@@ -29,7 +30,7 @@ from gradcomp_tf.runtime import init, local_rank, rank, size
 from gradcomp_tf.sync_view import KerasParamView
 from gradcomp_tf.tape import DistributedGradientTape
 
-__all__ = ["init", "rank", "size", "local_rank", "broadcast_variables", "broadcast_exchange_state", "DistributedGradientTape",
+__all__ = ["allgather_object", "shutdown", "init", "rank", "size", "local_rank", "broadcast_variables", "broadcast_exchange_state", "DistributedGradientTape",
            "DistributedOptimizer", "Exchange", "Compression", "GradcompState", "rank_path", "rank_name",
            "KerasParamView", "callbacks", "XLA_MESSAGE",
            "Average", "Sum", "Adasum", "Min", "Max", "Product", "allreduce", "grouped_allreduce", "allgather",

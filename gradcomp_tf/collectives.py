@@ -178,3 +178,28 @@ def cuda_built() -> bool:
 
 def rocm_built() -> bool:
     return bool(tf.test.is_built_with_rocm())
+
+
+def allgather_object(obj, session=None, name=None, process_set=None) -> list:
+    """Every rank's `obj` as a list indexed by rank (numbers, strings, None, numpy arrays and
+    lists/dicts of them; no pickle). Eager only."""
+    from gradcomp_tf.checkpoint import decode, encode
+    _api.check_process_set(process_set, "allgather_object")
+    comm = _comm()
+    raw = np.frombuffer(encode(obj), np.uint8).copy()
+    decode(raw.tobytes())
+    if comm.size == 1:
+        return [obj]
+    tag = name or "allgather_object"
+    sizes = _api.allgather(comm, np.array([raw.size], np.int64), name=f"{tag}.len")
+    flat = _api.allgather(comm, raw, name=tag)
+    out, off = [], 0
+    for r, n in enumerate(int(v) for v in sizes):
+        out.append(obj if r == comm.rank else decode(flat[off:off + n].tobytes()))
+        off += n
+    return out
+
+
+def shutdown():
+    """Forget the process-wide communicator (the engine itself is left to its owner)."""
+    runtime._STATE["comm"] = None

@@ -13,10 +13,11 @@
 A Horovod script switches by its import (`import gradcomp_torch as hvd`): DistributedOptimizer takes
 Horovod's compression=, op=, gradient_predivide_factor=, num_groups=, sparse_as_dense=; allreduce,
 allgather, broadcast, barrier, join, local_size, cross_rank, ... are here (gradcomp_torch/collectives.py;
-README "Horovod names" says what is and is not supported).
+README "Horovod scripts: change the import" says what is and is not supported).
 """
 from gradcomp.pipeline import NonFiniteGradientError
 from gradcomp_torch.checkpoint import load_checkpoint, save_checkpoint
+from gradcomp_torch.collectives import allgather_object, start_timeline, stop_timeline  # noqa: F401
 from gradcomp_torch.collectives import (Adasum, Average, Max, Min, Product, Sum, allgather, allreduce,  # noqa: F401
                                         allreduce_, barrier, broadcast, broadcast_, ccl_built, cross_rank,
                                         cross_size, cuda_built, gloo_built, grouped_allreduce, is_initialized,
@@ -30,7 +31,7 @@ from gradcomp_torch.runtime import (broadcast_object, broadcast_optimizer_state,
 from gradcomp_torch.sync_view import TorchParamAccess
 from gradcomp_torch.virtual import VirtualWorkers
 
-__all__ = ["init", "shutdown", "communicator", "rank", "size", "local_rank", "broadcast_parameters",
+__all__ = ["allgather_object", "start_timeline", "stop_timeline", "init", "shutdown", "communicator", "rank", "size", "local_rank", "broadcast_parameters",
            "broadcast_optimizer_state", "broadcast_object", "DistributedOptimizer", "Compression", "ddp_hook",
            "TorchParamAccess", "NonFiniteGradientError", "VirtualWorkers", "save_checkpoint", "load_checkpoint",
            "Average", "Sum", "Adasum", "Min", "Max", "Product", "allreduce", "allreduce_", "grouped_allreduce",

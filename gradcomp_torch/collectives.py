@@ -161,3 +161,34 @@ def cuda_built() -> bool:
 
 def rocm_built() -> bool:
     return bool(getattr(torch.version, "hip", None))
+
+
+def allgather_object(obj, name=None, process_set=None, comm=None) -> list:
+    """Every rank's `obj`, as a list indexed by rank. Same contents as broadcast_object allows
+    (tensors, numbers, strings, containers; torch.save format, loaded with weights_only=True, so a
+    peer's bytes never run code); anything else raises on the rank that holds it."""
+    from gradcomp_torch.checkpoint import dumps, safe_loads
+    _api.check_process_set(process_set, "allgather_object")
+    comm = runtime.communicator(comm)
+    what = f"allgather_object({name or 'object'!r})"
+    data = dumps(obj)
+    safe_loads(data, what)                      # refuse here what the peers would refuse
+    if comm.size == 1:
+        return [obj]
+    raw = np.frombuffer(data, np.uint8).copy()
+    sizes = _api.allgather(comm, np.array([raw.size], np.int64), name=f"{what}.len")
+    flat = _api.allgather(comm, raw, name=what)
+    out, off = [], 0
+    for r, n in enumerate(int(v) for v in sizes):
+        out.append(obj if r == comm.rank else safe_loads(flat[off:off + n].tobytes(), f"{what} from rank {r}"))
+        off += n
+    return out
+
+
+def start_timeline(file_path, mark_cycles=False):
+    """Horovod's timeline has no gradcomp counterpart: use opt.stats() and gradcomp.timing instead."""
+    raise NotImplementedError("gradcomp has no Horovod timeline; per-step bytes are in optimizer.stats()")
+
+
+def stop_timeline():
+    raise NotImplementedError("gradcomp has no Horovod timeline; per-step bytes are in optimizer.stats()")

@@ -117,6 +117,7 @@ def test_collectives_single_process_and_callable_broadcast():
     traced = tf.function(lambda a: hvd.allreduce(a, op=hvd.Max) + hvd.broadcast(a, 0))
     assert np.array_equal(traced(t).numpy(), [2.0, 6.0])
     assert hvd.broadcast_object({"epoch": 3, "names": ["a"]}) == {"epoch": 3, "names": ["a"]}
+    assert hvd.allgather_object({"a": [1, 2]}) == [{"a": [1, 2]}]
     with pytest.raises(TypeError, match="cannot send"):
         hvd.broadcast_object(object())
     assert hvd.join() == 0 and hvd.local_size() >= 1 and hvd.is_initialized()

@@ -179,10 +179,12 @@ def test_collective_helpers_have_horovods_semantics():
                 hvd.allreduce(t, compression=hvd.Compression.fp16, comm=comm),
                 hvd.allgather(rows, comm=comm), hvd.broadcast(t, root_rank=1, comm=comm),
                 hvd.broadcast_(t.clone(), 0, comm=comm), hvd.join(comm=comm), hvd.barrier(comm=comm),
-                hvd.allreduce(torch.tensor(float(r)), comm=comm), hvd.broadcast(torch.tensor(r + 5), 1, comm=comm))
+                hvd.allreduce(torch.tensor(float(r)), comm=comm), hvd.broadcast(torch.tensor(r + 5), 1, comm=comm),
+                hvd.allgather_object({"rank": r, "name": "x" * (r + 1)}, comm=comm))
 
     for out in gradcomp.LocalWorld(N).run(fn):
-        avg, s, s2, mx, mn, ints, f16, rows, b1, b0, last, _, scalar, bscalar = out
+        avg, s, s2, mx, mn, ints, f16, rows, b1, b0, last, _, scalar, bscalar, objs = out
+        assert objs == [{"rank": 0, "name": "x"}, {"rank": 1, "name": "xx"}]
         assert scalar.shape == () and float(scalar) == 0.5           # 0-d stays 0-d (metric averaging)
         assert bscalar.shape == () and int(bscalar) == 6
         assert torch.equal(avg, torch.tensor([1.5, 5.0])) and torch.equal(s, torch.tensor([3.0, 10.0]))
