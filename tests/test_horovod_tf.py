@@ -42,7 +42,8 @@ def local_grads(m, x, y):
     return [g.numpy() for g in t.gradient(loss, m.trainable_variables)]
 
 
-def test_optimizer_compression_object_and_op_sum():
+@pytest.mark.parametrize("eager", [True, False], ids=["run_eagerly", "tf.function"])
+def test_optimizer_compression_object_and_op_sum(eager):
     """compression=Compression.fp16 means no error feedback; op=Sum steps with the sum of the grads."""
     def fn(comm):
         m = tiny_model()
@@ -50,7 +51,7 @@ def test_optimizer_compression_object_and_op_sum():
         x, y = batch(comm.rank)
         opt = hvd.DistributedOptimizer(keras.optimizers.SGD(LR), compression=hvd.Compression.fp16, op=hvd.Sum,
                                        backend=comm)
-        m.compile(optimizer=opt, loss=LOSS, run_eagerly=True)
+        m.compile(optimizer=opt, loss=LOSS, run_eagerly=eager, jit_compile=False)
         m.train_on_batch(x, y)
         return w0, [w.numpy() for w in m.trainable_variables], opt.gradcomp_exchange.describe()["memory"]
 
