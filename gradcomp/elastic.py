@@ -30,10 +30,12 @@ communicator by itself.
 
 Which keys are flushed: the memory's `flush_state` keys (default: "residual", the gradient mass a
 rank has not sent yet). DGC's local momentum and a periodic policy's delta residuals are not
-flushed: they restart at zero on a graceful change (momentum is not unsent mass; the delta
-residual of a local-SGD policy would need a parameter sync to be applied, which is ours to leave
-out here). Everything else per rank is zero after flush, so a graceful change needs no per-rank
-state to be carried, whatever the new ranks' numbering.
+flushed (momentum is not unsent mass; the delta residual of a local-SGD policy would need a
+parameter sync to be applied, which we leave out): `rebind` zeroes the delta residuals, and the
+momentum restarts at zero where the new world adopts the replicated state
+(load_replicated_state_dict, as gradcomp_torch.elastic's sync does on every rank). So a graceful
+change needs no per-rank state to be carried, whatever the new ranks' numbering. The flush's
+allreduce is not counted in stats() (it is not a gradient step).
 """
 from __future__ import annotations
 
