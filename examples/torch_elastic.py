@@ -53,6 +53,9 @@ def parse(argv=None):
     p.add_argument("--stop-after", type=int, default=0, help="exit after this many steps of this process")
     p.add_argument("--kill-at", type=int, default=0, help="the last rank SIGKILLs itself after this step "
                    "(first time only: a marker file next to --events)")
+    p.add_argument("--on-change", choices=("flush", "zero"), default="flush",
+                   help="residuals at a graceful change: flushed into the next update (gradcomp's rule) or "
+                        "dropped (the alternative measured in docs/benchmarks.md)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -77,6 +80,8 @@ def main(argv=None):
             with open(a.events, "a") as f:
                 f.write(json.dumps(kw) + "\n")
 
+    if a.on_change == "zero":               # the alternative: drop the residuals (restart at zero)
+        gce.DistributedOptimizerStateHandler.flush = lambda h: gce.core.zero_per_rank(h.value.gradient_sync)
     start_step = 0
     if a.resume and os.path.exists(a.resume):
         ck = gct.load_checkpoint(a.resume)
