@@ -267,25 +267,18 @@ class Exchange:
         """Adopt a peer's replicated_state_dict(); this rank's residuals restart at zero. All or nothing."""
         if not isinstance(sd, dict) or not sd.get("replicated_only"):
             raise ValueError("not an Exchange.replicated_state_dict()")
-        snap, step = snapshot(self.sync, self.policy), self.step
-        try:
-            self.sync.load_replicated_state_dict(sd["sync"])
-            self.policy.load_replicated_state_dict(sd.get("policy", {}))
-            self.step = int(sd.get("step", 0))
-        except BaseException:
-            restore(snap)
-            self.step = step
-            raise
-        if self._graph is not None:
-            self._graph.push_state()
+        self._load_all_or_nothing(sd, self.sync.load_replicated_state_dict, self.policy.load_replicated_state_dict)
 
     def load_state_dict(self, sd: dict):
         """Restore; all or nothing: on any error (another configuration or sync policy) the state
         is left exactly as it was."""
+        self._load_all_or_nothing(sd, self.sync.load_state_dict, self.policy.load_state_dict)
+
+    def _load_all_or_nothing(self, sd: dict, load_sync, load_policy):
         snap, step = snapshot(self.sync, self.policy), self.step
         try:
-            self.sync.load_state_dict(sd["sync"])
-            self.policy.load_state_dict(sd.get("policy", {}))
+            load_sync(sd["sync"])
+            load_policy(sd.get("policy", {}))
             self.step = int(sd.get("step", 0))
         except BaseException:
             restore(snap)
