@@ -256,6 +256,20 @@ def test_uncaught_exception_on_one_rank_ends_the_job(launch, engine):
     assert ended - failed_at < 30, f"the job took {ended - failed_at:.1f}s to end after rank 1 failed"
 
 
+@pytest.mark.mpi
+@pytest.mark.timeout(2 * OUTER)
+def test_sys_exit_on_one_rank_ends_the_job_under_mpirun():
+    """rank 1 calls sys.exit(3) at step 3 (no exception reaches the excepthook): the job ends within
+    30 s, not at the peer's collective timeout (set to 120 s here so the two cannot be confused)."""
+    rc, out, _, ended = _launch(_probe_cmd("mpirun", "--fail-rank", "1", "--mode", "exit"), timeout=150,
+                                retries=0, GRADCOMP_TIMEOUT="120")
+    assert rc != 0, out[-4000:]
+    assert "PROBE FAIL rank=1" in out and "PROBE DONE" not in out, out[-4000:]
+    assert "sys.exit(3) on rank 1 of 2" in out, out[-4000:]
+    failed_at = float(re.search(r"PROBE FAIL rank=1 t=([\d.]+)", out).group(1))
+    assert ended - failed_at < 30, f"the job took {ended - failed_at:.1f}s to end after rank 1 exited"
+
+
 # ------------------------------------------------------------------ launcher detection and mismatch
 HOROVODRUN_MPI_ENV = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_MCA_orte_tag_output": "1",
                       "OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "^openib"}   # what horovodrun -np 2 leaves (measured)

@@ -7,16 +7,18 @@ gradcomp use of mpi4py, when the world has more than one rank) chains a `sys.exc
 `python -m mpi4py`, prints the failing rank's traceback once, prefixed by one line naming the rank,
 flushes stdout/stderr and calls `MPI_Abort` on COMM_WORLD, which makes the launcher end every rank.
 
-Covered: uncaught exceptions (and KeyboardInterrupt) in the main thread. Not covered by the hook:
-`sys.exit(n)` / SystemExit (Python does not call the hook for it) and exceptions in the user's own
-threads; there the peers' collective timeout (GRADCOMP_TIMEOUT) ends the job. Exceptions inside
-gradcomp's MPI worker thread never escape it: they are handed to the waiting caller.
+Covered: uncaught exceptions (and KeyboardInterrupt) in the main thread, and `sys.exit(status)` with a
+non-zero status (argparse's exit on a bad argument included): Python never hands SystemExit to the
+excepthook, so `sys.exit` is wrapped too; a zero or None status exits as usual. Not covered: a bare
+`raise SystemExit(n)`, `os._exit` and exceptions in the user's own threads; there the peers'
+collective timeout (GRADCOMP_TIMEOUT) ends the job. Exceptions inside gradcomp's MPI worker thread
+never escape it: they are handed to the waiting caller.
 """
 from __future__ import annotations
 
 import sys
 
-_STATE = {"installed": False, "previous": None, "aborting": False}
+_STATE = {"installed": False, "previous": None, "exit": None, "aborting": False}
 
 
 def _flush():
@@ -55,8 +57,23 @@ def install_mpi_abort(MPI) -> bool:
             if MPI.Is_initialized() and not MPI.Is_finalized():
                 world.Abort(1)
 
+    previous_exit = sys.exit
+
+    def exit_(status=None):
+        if status not in (None, 0) and not _STATE["aborting"] and MPI.Is_initialized() and not MPI.Is_finalized():
+            _STATE["aborting"] = True
+            _flush()
+            if not isinstance(status, int):
+                print(status, file=sys.stderr)
+            print(f"gradcomp: sys.exit({status!r}) on rank {rank} of {size}; calling MPI_Abort so that every rank "
+                  "ends now instead of waiting for this one", file=sys.stderr)
+            _flush()
+            world.Abort(status if isinstance(status, int) and 0 < status < 256 else 1)
+        return previous_exit(status)
+
     sys.excepthook = hook
-    _STATE.update(installed=True, previous=previous)
+    sys.exit = exit_
+    _STATE.update(installed=True, previous=previous, exit=previous_exit)
     return True
 
 
@@ -64,4 +81,5 @@ def uninstall():
     """Restore the excepthook that was there before install_mpi_abort (for tests)."""
     if _STATE["installed"]:
         sys.excepthook = _STATE["previous"]
-        _STATE.update(installed=False, previous=None, aborting=False)
+        sys.exit = _STATE["exit"]
+        _STATE.update(installed=False, previous=None, exit=None, aborting=False)
