@@ -118,12 +118,7 @@ class AggTopKCompressor(Compressor):
     def new_state(self, info, state, ctx):
         if self.metric != "prev":
             return state
-        total = info.get("reduced")
-        if total is None:
-            if ctx.size > 1:
-                raise RuntimeError("aggtopk(metric=prev): new_state() needs decompress() of the reduced payload "
-                                   "first (GradientSync does this); next step's scores are that sum")
-            total = info["own"]
+        total = self.reduced_payload(info, ctx, "next step's score")
         return {"score": total}
 
     def union(self, reduced, info, ctx):

@@ -104,6 +104,18 @@ class Compressor(Configurable):
         """State to commit once the step succeeded (default: unchanged)."""
         return state
 
+    def reduced_payload(self, info, ctx: Ctx, what: str):
+        """For state that every rank must update identically (PowerSGD's warm-start Q, randproj's
+        reference, aggtopk's scores): the summed payload that decompress() recorded in info["reduced"];
+        on one rank our own payload. `what` names that state in the error for a driver that skipped it."""
+        total = info.get("reduced")
+        if total is None:
+            if ctx.size > 1:
+                raise RuntimeError(f"{self.name}: new_state() needs decompress() of the reduced payload first "
+                                   f"(GradientSync does this); {what} is updated from that sum")
+            total = info["own"]
+        return total
+
     def ratio_of(self, numel: int) -> float:
         """Nominal dense fp32 bytes / payload bytes, for documentation and tables."""
         return float("nan")

@@ -102,12 +102,7 @@ class PowerSGDCompressor(Compressor):
         if info["dense"] or not self.warm_start:
             return state
         b = ctx.backend
-        total = info.get("reduced")
-        if total is None:
-            if ctx.size > 1:
-                raise RuntimeError("powersgd: new_state() needs decompress() of the reduced round-2 payload "
-                                   "first (GradientSync does this); the warm-start Q is that sum")
-            total = info["own"]
+        total = self.reduced_payload(info, ctx, "the warm-start Q (round 2's sum)")
         n, m, r = info["nmr"]
         q = b.transpose(b.reshape(total, (r, m)))
         return {"q": q * (1.0 / ctx.size) if ctx.size > 1 else q}

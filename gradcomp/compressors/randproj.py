@@ -299,12 +299,7 @@ class RandProjCompressor(Compressor):
         estimate a + s P(mean d) of the mean compensated gradient, from the *reduced* payload only."""
         if self.ref <= 0:
             return state
-        y = info.get("reduced")
-        if y is None:
-            if ctx.size > 1:
-                raise RuntimeError("randproj: new_state() needs decompress() of the reduced payload first "
-                                   "(GradientSync does this); the reference is updated from that sum")
-            y = info["own"]
+        y = self.reduced_payload(info, ctx, "the reference")
         step = self.project_back(y, info, ctx, True)
         return {"ref": info["a"] + step * (self.ref / float(ctx.size))}
 
