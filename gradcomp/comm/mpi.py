@@ -21,11 +21,10 @@ core while it waits, so give each rank spare cores (`mpirun --bind-to none`, or 
 slot:PE=N`); under mpirun's default bind-to-core the spinning worker and the caller's compute
 threads share one core. progress="poll" drives the collective with MPI_Test and sleeps backing off
 to `poll_max` seconds: it leaves the core to the caller, but Open MPI progresses nonblocking
-collectives only inside MPI calls, so large messages take several times longer (measured on an
-H100 host, 2 ranks, 16 MiB float32: 9 ms "block" vs 42-200 ms "poll"). progress="auto" (default) blocks
-when each local rank has at least 2 cores of its own (its CPU affinity, and the node's cores shared by
-the local ranks), and polls otherwise: on a 2-core node with 2 ranks, "block" made a ResNet-18 step of
-`benchmarks/torch_vs_horovod.py` 1.20x Horovod's, "poll" 0.91x.
+collectives only inside MPI calls, so large messages take several times longer. progress="auto"
+(default) blocks when each local rank has at least 2 cores of its own (its CPU affinity, and the node's
+cores shared by the local ranks), and polls otherwise, where a spinning worker would take the compute
+threads' core (measurements: docs/benchmarks.md part 4).
 The input must not be modified until `wait()` returns (as with any nonblocking MPI call).
 Wire format (bytes are the payload's own, nothing is widened on the host path):
   allreduce   MPI_Allreduce(SUM); float16 and bfloat16 use user-defined sum ops (Open MPI 4.1 has
