@@ -382,7 +382,13 @@ class GradientSync:
                             avg = b.scale_(avg, 1.0 / e.ctx.size) if mine else avg * (1.0 / e.ctx.size)
                     else:
                         avg = comp.aggregate(e.gathered, e.info, e.ctx)
-                    local = comp.decompress(e.payload, e.info, e.ctx) if self.memory.needs_local_decode else None
+                    local = None
+                    if self.memory.needs_local_decode:
+                        own = comp.sent_indices(e.x, e.ctx) if self.memory.masks_sent else None
+                        if own is None:
+                            local = comp.decompress(e.payload, e.info, e.ctx)
+                        else:           # D(C(x)) = x at `own`, 0 elsewhere: the memory zeroes them in x
+                            e.ctx.memo["own_decode_idx"] = own
                     t1 = now()
                     mem = self.memory.update(e.g, e.x, local, avg, e.mem_state, e.ctx)
                     avg = self.memory.output(avg, mem, e.ctx)

@@ -241,7 +241,13 @@ def record_locals(sync):
     log: dict[str, list] = {}
     orig = sync.memory.update
 
-    def update(g, x, local, aggregated, state, ctx):
+    def update(g, x0, local0, aggregated, state, ctx):
+        x, local = x0, local0
+        own = ctx.memo.get("own_decode_idx") if local is None else None
+        if own is not None:        # the decode the pipeline skipped (x at the sent indices); update zeroes x in place
+            x = to_np(x).reshape(-1).copy()
+            local = np.zeros_like(x)
+            local[to_np(own)] = x[to_np(own)]
         if ctx.members is None:
             log.setdefault(ctx.name, []).append((g, x, local, aggregated))
         else:                      # a fused bucket (gradcomp/fusion.py): record each member's part
@@ -250,7 +256,7 @@ def record_locals(sync):
                 part = [None if a is None else to_np(a).reshape(-1)[off:off + n] for a in (g, x, local, aggregated)]
                 log.setdefault(name, []).append(tuple(part))
                 off += n
-        return orig(g, x, local, aggregated, state, ctx)
+        return orig(g, x0, local0, aggregated, state, ctx)
 
     sync.memory.update = update
     return log

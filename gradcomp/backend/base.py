@@ -91,6 +91,10 @@ class Backend:
         Backends may stream it in cache-sized chunks; it must equal nonzero(|x| >= thr)."""
         return self.nonzero(self.greater_equal(self.abs(x), thr))
     def sort(self, x): raise NotImplementedError
+    def count_distinct(self, n: int, idx):
+        """0-d array: how many distinct values the int64 array idx (all in [0, n)) holds."""
+        hits = self.scatter_add(n, idx, self.zeros(self.numel(idx), "float32", idx) + 1.0)
+        return self.sum(self.cast(self.greater_equal(hits, 0.5), "float32"))
 
     # --- segments: a fused bucket's consecutive tensors (lengths: Python ints, all > 0) -------
     def segment_sum(self, x, lengths):

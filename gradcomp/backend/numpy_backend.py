@@ -118,6 +118,10 @@ class NumpyBackend(Backend):
         x[idx] = 0
         return x
     def sort(self, x): return np.sort(x)
+    def count_distinct(self, n, idx):
+        hit = np.zeros(n, dtype=bool)
+        hit[idx] = True
+        return np.int64(np.count_nonzero(hit))
 
     def matmul(self, a, b): return np.matmul(a, b)
     def qr(self, a):

@@ -181,6 +181,16 @@ class TorchBackend(Backend):
         return out.index_add_(0, idx, values)
     def nonzero(self, mask): return torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1)
     def zero_at(self, x, idx): return x.index_fill_(0, idx, 0)
+    def count_distinct(self, n, idx):
+        m = idx.numel()
+        if m < 2:
+            return torch.tensor(m, device=idx.device)
+        if 8 * m <= n:              # few indices: sort them (O(m log m)), count the steps
+            s = torch.sort(idx).values
+            return (s[1:] != s[:-1]).sum() + 1
+        hit = torch.zeros(n, dtype=torch.bool, device=idx.device)     # else a bool bitmap
+        hit[idx] = True
+        return torch.count_nonzero(hit)
     def abs_ge_indices(self, x, thr):
         # |x| >= t as (x >= t) | (x <= -t): two bool passes, no |x| temporary as large as x. The
         # mask is then scanned 8 flags at a time as int64 words (nonzero over n/8 words), and only

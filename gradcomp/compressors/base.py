@@ -100,6 +100,14 @@ class Compressor(Configurable):
         """The info needed to decode another rank's payload (defaults to our own)."""
         return info
 
+    def sent_indices(self, x, ctx: Ctx):
+        """int64 indices I such that decompress(this rank's own payload of this step) is exactly x at
+        I and zero elsewhere, when compress(x) recorded them in ctx.memo["own_idx"] (sparsifiers
+        whose values are x's own entries); None otherwise. A memory may then form x - D(C(x)) by
+        zeroing I in x, with no decode (the pipeline skips the local decode)."""
+        own = ctx.memo.get("own_idx")
+        return own[1] if own is not None and own[0] is x else None
+
     def new_state(self, info, state: dict, ctx: Ctx) -> dict:
         """State to commit once the step succeeded (default: unchanged)."""
         return state

@@ -38,6 +38,8 @@ class RandomKCompressor(Compressor):
 
     def compress(self, x, state, ctx):
         idx = self.indices(ctx, x)
+        if not self.unbiased:
+            ctx.memo["own_idx"] = (x, idx)    # decompress(own payload) = x at idx, 0 elsewhere
         return [ctx.backend.gather(x, idx)], idx
 
     def decompress(self, payload, info, ctx):

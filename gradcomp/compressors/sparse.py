@@ -2,7 +2,10 @@
 
 Indices travel as int32 when the tensor has fewer than 2**31 elements (int64 otherwise).
 Aggregation scatters every rank's (index, value) pairs into one dense buffer in a single
-pass (`scatter_add`), never one dense decode per rank.
+pass (`scatter_add`), never one dense decode per rank, and scales that buffer in place.
+`pack` records (x, indices) in ctx.memo["own_idx"]: this rank's own decoded payload is x at
+those indices and zero elsewhere, which lets error feedback compute x - D(C(x)) by zeroing
+them in x (Compressor.sent_indices) instead of decoding and subtracting.
 """
 from gradcomp.compressors.base import Compressor
 
@@ -22,6 +25,7 @@ class SparseCompressor(Compressor):
     def pack(self, x, idx, ctx):
         b = ctx.backend
         ctx.memo["sent_idx"] = idx            # int64: lets a memory mask what was sent in O(k) (dgc)
+        ctx.memo["own_idx"] = (x, idx)        # decompress(own payload) = x at idx, 0 elsewhere
         return [b.gather(x, idx), b.cast(idx, index_dtype(ctx.numel))]
 
     def decompress(self, payload, info, ctx):
@@ -33,7 +37,7 @@ class SparseCompressor(Compressor):
         b = ctx.backend
         vals = b.cat([p[0] for p in gathered])
         idx = b.cast(b.cat([p[1] for p in gathered]), "int64")
-        return b.scatter_add(ctx.numel, idx, vals) * (1.0 / len(gathered))
+        return b.scale_(b.scatter_add(ctx.numel, idx, vals), 1.0 / len(gathered))   # a fresh buffer
 
     def union(self, gathered, info, ctx):
         """(distinct indices over all ranks' payloads, mean entries per rank); a tensor sent dense
@@ -46,5 +50,4 @@ class SparseCompressor(Compressor):
         idx = b.cast(b.cat(idx), "int64")
         if not b.numel(idx):
             return 0, kept
-        hits = b.scatter_add(ctx.numel, idx, b.zeros(b.numel(idx), "float32", idx) + 1.0)
-        return b.sum(b.cast(b.greater_equal(hits, 0.5), "float32")), kept
+        return b.count_distinct(ctx.numel, idx), kept

@@ -29,6 +29,7 @@ class ThresholdCompressor(SparseCompressor):
         vals, ind = self.pack(x, idx, ctx)
         if not b.traced() and b.nbytes(vals) + b.nbytes(ind) > b.nbytes(x):   # sparse would cost more
             ctx.memo.pop("sent_idx", None)
+            ctx.memo.pop("own_idx", None)       # decoded dense: x itself
             return [x, b.slice(ind, 0, 0)], None
         return [vals, ind], None
 

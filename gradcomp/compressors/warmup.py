@@ -95,6 +95,9 @@ class DenseWarmup(Compressor):
     def union(self, result, info, ctx):
         return None if isinstance(info, _Warm) else self.inner.union(result, info, ctx)
 
+    def sent_indices(self, x, ctx):
+        return None if ctx.memo.get("dense") else self.inner.sent_indices(x, ctx)
+
     def peer_info(self, info, rank, ctx):
         return info if isinstance(info, _Warm) else self.inner.peer_info(info, rank, ctx)
 

@@ -20,6 +20,10 @@ class Memory(Configurable):
     replicated_state: tuple = ()
     gradient_state: tuple = ()
     fusable = False               # elementwise, so a fused bucket may run it once on its flat buffer?
+    # May update() get local=None when the compressor reported (Compressor.sent_indices) that this
+    # rank's decoded payload is x at the indices ctx.memo["own_decode_idx"] and zero elsewhere? The
+    # pipeline then skips the local decode; update() may modify x in place (compensate made it).
+    masks_sent = False
 
     def init_state(self, x, ctx) -> dict:
         return {}

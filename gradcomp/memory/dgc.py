@@ -36,6 +36,7 @@ class DGCMemory(MomentumOwner, Memory):
     name = "dgc"
     nesterov_param = "nesterov"
     gradient_state = ("momentum", "residual")     # both per rank (local momentum)
+    masks_sent = True                             # local=None: rebuilt below from own_decode_idx
     params = {
         "momentum": Param(float, 0.9, "momentum factor m (an SGD optimizer's momentum replaces it)",
                           lo=0.0, hi=1.0, hi_open=True),
@@ -80,6 +81,10 @@ class DGCMemory(MomentumOwner, Memory):
         if idx is not None:
             return {"momentum": b.zero_at(u, idx), "residual": b.zero_at(x, idx)}
         if local is None:
-            raise RuntimeError("dgc memory: update() needs this rank's decoded payload; call it through GradientSync")
+            own = ctx.memo.get("own_decode_idx")
+            if own is None:
+                raise RuntimeError("dgc memory: update() needs this rank's decoded payload; call it through "
+                                   "GradientSync")
+            local = b.scatter(ctx.numel, own, b.gather(x, own))    # what decompress would have returned
         keep = 1 - b.cast(b.abs(local) > 0, b.dtype(x))
         return {"momentum": u * keep, "residual": x * keep}

@@ -3,6 +3,10 @@
     x_t = gamma * g_t + beta * e_t          (compensate)
     e_{t+1} = x_t - D(C(x_t))                (update; D(C(.)) is this rank's own decoded payload)
 
+For a sparsifier whose decoded payload is x_t at the sent indices I and zero elsewhere (topk,
+randomk, dgc, threshold: Compressor.sent_indices), e_{t+1} is x_t with I set to zero, computed
+in place on x_t (compensate's fresh array) with no decode: the same numbers.
+
 With beta = gamma = 1 (the default) the invariant sum_t D(C(x_t)) + e_{T+1} = sum_t g_t holds
 exactly: nothing the compressor drops is ever lost, only delayed.
 """
@@ -14,6 +18,7 @@ class ResidualMemory(Memory):
     name = "residual"
     gradient_state = ("residual",)           # per rank
     fusable = True                # elementwise: a fused bucket's flat state is the per-name states
+    masks_sent = True             # update(local=None): x with the sent indices zeroed (see above)
     params = {
         "beta": Param(float, 1.0, "weight of the carried residual", lo=0.0, hi=1.0),
         "gamma": Param(float, 1.0, "weight of the new gradient", lo=0.0, lo_open=True),
@@ -28,4 +33,10 @@ class ResidualMemory(Memory):
         return x + e if self.beta == 1.0 else x + e * self.beta
 
     def update(self, g, x, local, aggregated, state, ctx):
+        if local is None:         # D(C(x)) = x at own_decode_idx, 0 elsewhere: x - D(C(x)) exactly
+            idx = ctx.memo.get("own_decode_idx")
+            if idx is None:
+                raise RuntimeError("residual memory: update() needs this rank's decoded payload (local) or "
+                                   "ctx.memo['own_decode_idx']; call it through GradientSync")
+            return {"residual": ctx.backend.zero_at(x, idx)}
         return {"residual": x - local}

@@ -1,0 +1,82 @@
+"""The step's CPU shortcuts give the numbers of the plain path they replace.
+
+- Error feedback for sparsifiers (Memory.masks_sent / Compressor.sent_indices): the residual is x
+  with the sent indices zeroed in place instead of x - decompress(own payload); the averages, the
+  residuals and the bytes are bit-identical to the decode-and-subtract path.
+- Union statistics (Backend.count_distinct): a bitmap count, equal to the dense scatter count.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradcomp
+from gradcomp.backend import backend_by_name
+from gradcomp.backend.base import Backend
+
+from conftest import need_backend, to_np, world
+
+SHAPES = {"conv": (8, 4, 3, 3), "fc": (33, 17), "bias": (17,), "emb": (300,)}
+SPECS = ["topk:ratio=0.1", "topk:ratio=0.1,mode=sampled", "topk:ratio=0.1,scope=bucket", "randomk:ratio=0.25",
+         "threshold:threshold=2.0", "threshold:threshold=0.01", "dgc:ratio=0.1,warmup_steps=0",
+         "dgc:ratio=0.1,warmup_steps=2", "gtopk:ratio=0.1", "topk:ratio=0.1,warmup=1"]
+
+
+def _run(spec, masked, comm, backend, steps=3):
+    sync = gradcomp.GradientSync(spec, memory="auto", comm=comm, seed=3)
+    if not masked:
+        sync.memory.masks_sent = False          # the decode-and-subtract path
+    seen = {"skipped": 0}
+    orig = sync.memory.update
+
+    def update(g, x, local, aggregated, state, ctx):
+        seen["skipped"] += local is None
+        return orig(g, x, local, aggregated, state, ctx)
+    sync.memory.update = update
+    rng = np.random.default_rng([5, comm.rank])
+    outs = []
+    for _ in range(steps):
+        grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+        if backend == "torch":
+            import torch
+            grads = {k: torch.from_numpy(v) for k, v in grads.items()}
+        outs.append({k: to_np(v).copy() for k, v in sync.step(grads).items()})
+    sd = sync.state_dict()
+    state = {f"{k}/{kk}": to_np(vv).copy() for k, v in sd["memory_state"].items() for kk, vv in v.items()}
+    return outs, state, sync.stats()["bytes_sent"], seen["skipped"]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("spec", SPECS)
+def test_masked_error_feedback_is_bit_identical_to_decode_and_subtract(spec, backend):
+    need_backend(backend)
+    res = world(2, lambda c: (_run(spec, True, c, backend), _run(spec, False, c, backend)))
+    for (o1, s1, b1, skipped), (o2, s2, b2, plain) in res:
+        assert plain == 0
+        for t1, t2 in zip(o1, o2):
+            assert t1.keys() == t2.keys()
+            for k in t1:
+                np.testing.assert_array_equal(t1[k], t2[k], err_msg=k)
+        assert s1.keys() == s2.keys()
+        for k in s1:
+            np.testing.assert_array_equal(s1[k], s2[k], err_msg=k)
+        assert b1 == b2
+        if spec.startswith("gtopk"):        # its own decode is masked by the global selection: decoded
+            assert skipped == 0
+        elif spec.startswith("threshold:threshold=0.01"):   # sent dense (sparse would cost more)
+            assert skipped == 0
+        else:
+            assert skipped > 0, "the shortcut was never taken"
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_count_distinct_equals_the_dense_count(backend):
+    need_backend(backend)
+    b = backend_by_name(backend)
+    rng = np.random.default_rng(0)
+    like = b.from_numpy(np.zeros(1, np.float32), None) if backend == "numpy" else __import__("torch").zeros(1)
+    for n, m in ((1, 1), (5, 0), (10, 30), (1000, 50), (1000, 700), (100000, 4000)):
+        idx = rng.integers(0, n, m).astype(np.int64)
+        got = b.count_distinct(n, b.from_numpy(idx, like))
+        ref = Backend.count_distinct(b, n, b.from_numpy(idx, like))
+        assert int(b.item(got)) == int(b.item(ref)) == len(np.unique(idx))
