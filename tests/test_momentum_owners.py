@@ -69,6 +69,21 @@ def test_dgc_impulse_response_is_the_masking_rule_not_momentum_twice():
     assert r < 1 / (1 - M)
 
 
+def test_dgc_warmup_keeps_the_momentum():
+    """During the density warm-up (default: 1000 steps at 25% first) momentum factor masking would reset the
+    momentum of every coordinate sent, i.e. every ~4 steps: DGC at its default warm-up trained like SGD
+    without momentum. masking=final (the default) masks only at the final density: the full heavy-ball
+    response 1/(1-m) during warm-up; masking=on is the reference's rule (the masking formula at k = n/4)."""
+    n = 2000
+    r = impulse_response("dgc:ratio=0.01", steps=300)                     # all 300 steps inside the warm-up
+    assert abs(r - 1 / (1 - M)) < 0.05 / (1 - M), r
+    on = impulse_response("dgc:ratio=0.01", "dgc:masking=on", steps=300)
+    expected = dgc_expected(n, n // 4)
+    assert abs(on - expected) < 0.01 * expected, (on, expected)          # 2.3: the momentum is gone
+    off = impulse_response("dgc:ratio=0.01,warmup_steps=0", "dgc:masking=off", steps=1200)
+    assert abs(off - 1 / (1 - M)) < 0.05 / (1 - M), off
+
+
 def test_takeover_sets_the_optimizer_momentum_to_zero_and_warns_once():
     w = torch.nn.Parameter(torch.zeros(4, 4))
     b = torch.nn.Parameter(torch.zeros(4))

@@ -23,7 +23,9 @@ each) is init_ratio=0.25, ratio=0.001, stages=4, warmup_steps = 4 epochs of step
 pipeline's step, the same on every rank, so every rank sends the same k and payload sizes stay
 fixed. Warm-up is on by default (warmup_steps=1000, stages=4): the schedule is counted in steps
 because neither optimizer adapter knows the length of an epoch; for the paper's "4 epochs" set
-warmup_steps to 4 x your steps per epoch (len(loader)); warmup_steps=0 turns it off.
+warmup_steps to 4 x your steps per epoch (len(loader)); warmup_steps=0 turns it off. Warm-up steps
+(density above `ratio`) are marked with ctx.memo "warmup", so that the `dgc` memory keeps the
+momentum unmasked until the final density (its `masking=final`).
 
 Tensors with at most one dimension (biases, norm scales and shifts) are sent dense (`dense_1d`,
 as in the reference implementation, which compresses only tensors with more than one dimension):
@@ -76,6 +78,8 @@ class DGCCompressor(TopKCompressor):
             ctx.memo["dense"] = True
             return [x], "dense"
         b = ctx.backend
+        if self.density(ctx.step) > self.ratio:
+            ctx.memo["warmup"] = True
         idx = b.sort(self.select(x, self.k_at(ctx.step, ctx.numel), ctx))
         return self.pack(x, idx, ctx), None
 

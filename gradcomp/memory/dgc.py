@@ -11,6 +11,16 @@ Per tensor, on every rank, with momentum m, N ranks and clip threshold c:
     send C(v)                                     (compensate returns v)
     u[I] <- 0,  v[I] <- 0                         momentum factor masking on the sent indices I
 
+Masking and the warm-up (`masking`, this project's rule by default): zeroing u on every sent
+coordinate removes the momentum a coordinate would still deliver; at the final density (~1/ratio
+steps between sends) little is lost, but at the warm-up's densities (25% at first: a coordinate is
+sent every few steps) almost all of it is, and DGC then trains like SGD without momentum (the
+impulse response per unit gradient is ~2.3 at 25% density instead of 1/(1-m) = 10;
+tests/test_momentum_owners.py). `masking=final` (default) masks u only once the compressor sends at
+its final density (the `dgc` compressor marks warm-up steps with ctx.memo "warmup"; every other
+compressor counts as final) and v always; `masking=on` is the reference's rule (mask on every
+step, including the warm-up); `masking=off` never masks u (the reference's `momentum_masking=False`).
+
 I comes from the compressor when it reports its indices (`dgc`, `topk`, `randomk`: ctx.memo
 "sent_idx"), so masking costs O(k); otherwise I = {i : D(C(v))_i != 0}, this rank's own decoded
 payload. A tensor the compressor sends dense (ctx.memo "dense": the `dgc` compressor's tensors
@@ -42,6 +52,8 @@ class DGCMemory(MomentumOwner, Memory):
                           lo=0.0, hi=1.0, hi_open=True),
         "nesterov": Param(bool, False, "Nesterov momentum correction"),
         "clip": Param(float, 0.0, "local gradient clipping: global norm threshold c (0 = off)", lo=0.0),
+        "masking": Param(str, "final", "momentum factor masking: on (every step, the reference), final (only "
+                         "once the compressor sends at its final density), off", choices=("on", "final", "off")),
     }
 
     def init_state(self, x, ctx):
@@ -77,9 +89,10 @@ class DGCMemory(MomentumOwner, Memory):
                                "GradientSync")
         if ctx.memo.get("dense"):
             return {"momentum": u, "residual": b.zeros_like(x)}
+        mask_u = self.masking == "on" or (self.masking == "final" and not ctx.memo.get("warmup"))
         idx = ctx.memo.get("sent_idx")
         if idx is not None:
-            return {"momentum": b.zero_at(u, idx), "residual": b.zero_at(x, idx)}
+            return {"momentum": b.zero_at(u, idx) if mask_u else u, "residual": b.zero_at(x, idx)}
         if local is None:
             own = ctx.memo.get("own_decode_idx")
             if own is None:
@@ -87,4 +100,4 @@ class DGCMemory(MomentumOwner, Memory):
                                    "GradientSync")
             local = b.scatter(ctx.numel, own, b.gather(x, own))    # what decompress would have returned
         keep = 1 - b.cast(b.abs(local) > 0, b.dtype(x))
-        return {"momentum": u * keep, "residual": x * keep}
+        return {"momentum": u * keep if mask_u else u, "residual": x * keep}
