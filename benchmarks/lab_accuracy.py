@@ -50,6 +50,11 @@ def add_args(p):
     p.add_argument("--lm-test-tokens", type=int, default=0, help="test tokens per rank for perplexity (default 5000)")
     p.add_argument("--loopback", action="store_true")
     p.add_argument("--timeout", type=int, default=0, help="seconds per launch (default 1800; smoke 180)")
+    p.add_argument("--recipes", action="store_true",
+                   help="digits: run dense beside every recipe of gradcomp/recipes.py (the README's recipe table: "
+                        "compressor, memory, SGD lr and momentum per method) instead of the method list")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate over the budget: constant (default), or the example's cosine decay to 0")
 
 
 # =============================================================================== worker
@@ -71,6 +76,7 @@ def _worker(argv):
     ap.add_argument("--test-tokens", type=int, default=5000)
     ap.add_argument("--lm-batch", type=int, default=8)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--schedule", default="constant")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
@@ -109,7 +115,7 @@ def _run_task(tt, name, steps, every, methods, a, torch, world, comm):
         t_start = time.time()
         res = {"task": name, "method": m["label"], "metric": task.metric}
         try:
-            res.update(_train(task, m, steps, every, torch, model0, world, comm, numel))
+            res.update(_train(task, m, steps, every, torch, model0, world, comm, numel, a.schedule))
         except Exception as e:      # noqa: BLE001
             res["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
         _emit(a.out, world.rank, res)
@@ -126,14 +132,20 @@ def _emit(path, rank, res):
             f.write(json.dumps(res) + "\n")
 
 
-def _train(task, m, steps, every, torch, model0, world, comm, numel):
+def _train(task, m, steps, every, torch, model0, world, comm, numel, schedule="constant"):
     if m.get("skip"):
         return {"status": m["skip"]}
     task.model = copy.deepcopy(model0)
-    opt, counter, cleanup, fixed, status = make_optimizer(m, task.model, task.make_optimizer(), world, comm,
-                                                          "", numel)
+    base = task.make_optimizer()
+    for g in base.param_groups:            # a recipe's SGD settings, as the user writes them
+        for key in ("lr", "momentum"):
+            if m.get(key) is not None:
+                g[key] = m[key]
+                base.defaults[key] = m[key]
+    opt, counter, cleanup, fixed, status = make_optimizer(m, task.model, base, world, comm, "", numel)
     if status:
         return {"status": status}
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=steps) if schedule == "cosine" else None
     if hasattr(task, "attach"):            # the example's task hooks its optimizer (virtual workers: off)
         task.attach(opt)
     if counter is not None:
@@ -148,6 +160,8 @@ def _train(task, m, steps, every, torch, model0, world, comm, numel):
                 world.Barrier() if step == 0 else None
                 t0 = time.perf_counter()
                 _, _, state = task.train_step(opt, b, state)
+                if sched is not None:
+                    sched.step()
                 wall += time.perf_counter() - t0
                 step += 1
                 if step % every == 0 or step == steps:
@@ -179,7 +193,8 @@ def run(args) -> list[dict]:
     budget = {"digits": args.digits_steps or (4 if smoke else 112), "lm": args.lm_steps or (4 if smoke else 60)}
     every = {"digits": 2 if smoke else 8, "lm": 2 if smoke else 12}
     timeout = args.timeout or (180 if smoke else 1800)
-    methods = [m for m in method_list(smoke, args.methods) if m["label"] != "gradcomp none"]
+    methods = ([m for m in method_list(smoke, args.methods) if m["label"] != "gradcomp none"] if not args.recipes
+               else recipe_methods(args.methods))
     if smoke:
         methods = [m for m in methods if m["kind"] != "horovod"]
     if not methods:
@@ -196,7 +211,7 @@ def run(args) -> list[dict]:
             cmd = [sys.executable, "-m", "benchmarks.lab_accuracy", "--worker", "--tasks", ",".join(tasks),
                    "--methods", mfile, "--out", out, "--steps", ",".join(str(budget[t]) for t in tasks),
                    "--eval-every", ",".join(str(every[t]) for t in tasks),
-                   "--test-tokens", str(args.lm_test_tokens or (400 if smoke else 5000)), "--lm-batch", str(args.lm_batch)]
+                   "--schedule", args.schedule, "--test-tokens", str(args.lm_test_tokens or (400 if smoke else 5000)), "--lm-batch", str(args.lm_batch)]
             cmd += ["--smoke"] if smoke else []
             t0 = time.time()
             try:
@@ -228,6 +243,16 @@ def run(args) -> list[dict]:
         _plot(plotting, os.path.join(args.out, f"accuracy_{task}.png"), task,
               [c for c in curves if c["task"] == task], rows[0]["network"] if rows else "")
     return rows
+
+
+def recipe_methods(only: str = "") -> list[dict]:
+    """Dense beside every recipe of gradcomp/recipes.py (the README's recipe table), as lab methods."""
+    from gradcomp.recipes import RECIPES
+    out = [{"label": "dense allreduce (MPI fp32)", "kind": "dense"}]
+    out += [{"label": r.label(), "kind": "gradcomp", "compressor": r.compressor, "memory": r.memory, "lr": r.lr,
+             "momentum": r.momentum, "sync": "allreduce"} for r in RECIPES]
+    keep = [k.strip() for k in only.split(",") if k.strip()]
+    return [m for m in out if m["kind"] == "dense" or not keep or any(k in m["label"] for k in keep)]
 
 
 def _plot(plotting, path, task, curves, network):

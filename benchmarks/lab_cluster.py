@@ -246,7 +246,7 @@ def make_optimizer(m, model, base, world, gc_comm, gc_err, numel):
         return None, None, None, None, f"skipped: gradcomp_torch unavailable ({e})"
     counter = _Counting(gc_comm)
     opt = DistributedOptimizer(base, named_parameters=model.named_parameters(), compressor=m["compressor"],
-                               memory="auto", sync=m.get("sync", "allreduce"), comm=counter, seed=0)
+                               memory=m.get("memory", "auto"), sync=m.get("sync", "allreduce"), comm=counter, seed=0)
     return opt, counter, getattr(opt, "remove_hooks", None), None, ""
 
 

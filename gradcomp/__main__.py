@@ -1,4 +1,4 @@
-"""`python -m gradcomp [compressors|memories|syncs|check SPEC]`: list what is registered, as Markdown."""
+"""`python -m gradcomp [compressors|memories|syncs|recipes|check SPEC]`: list what is registered, as Markdown."""
 from __future__ import annotations
 
 import sys
@@ -36,6 +36,10 @@ def main(argv=None) -> int:
     kinds = {"compressors": "compressor", "memories": "memory", "syncs": "sync"}
     if what in kinds:
         print(table(kinds[what]))
+        return 0
+    if what == "recipes":
+        from gradcomp import recipes
+        print(recipes.table())
         return 0
     if what == "check" and len(argv) == 2:
         print(registry.create(argv[1]))

@@ -1,8 +1,14 @@
-"""Recipe test: a compressor with its documented recipe (README, docs/benchmarks.md "Recipes")
-trains the digits CNN of examples/torch_train.py to within 1 point of dense, same epochs, same
-seed, 2 in-process ranks (gradcomp.LocalWorld), the user's SGD(momentum=0.9) as written."""
+"""Recipe tests: each method of gradcomp/recipes.py (the README's recipe table, the one
+`python -m benchmarks accuracy --recipes` runs) trains the digits CNN of examples/torch_train.py to
+within 1 point of dense: same epochs (8), same seed, 2 in-process ranks (gradcomp.LocalWorld), the
+recipe's SGD(lr, momentum) written as a user writes it (a method that owns momentum takes it over).
+
+CI runs the recipes in CI_RECIPES; the others are nightly-sized (one 8-epoch run each): they run with
+GRADCOMP_NIGHTLY=1 and are marked `slow`. Recipes documented as not reaching dense
+(NOT_WITHIN_1) are checked to train at all, so a regression below that is still caught."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -12,30 +18,58 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 import gradcomp  # noqa: E402
+from gradcomp import recipes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 8
+CI_RECIPES = ("topk",)
+NOT_WITHIN_1 = {"rbgs+gmc": 30.0}     # documented gap (docs/benchmarks.md "Recipes"): trains at all (chance: 10%)
+NIGHTLY = os.environ.get("GRADCOMP_NIGHTLY") == "1"
 
 
-def _train(compressor, memory="auto", extra=()):
+def _train(compressor, memory="auto", lr=None, momentum=None):
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     try:
         import torch_train
     finally:
         sys.path.pop(0)
-    a = torch_train.parse_args(["--epochs", str(EPOCHS), "--compressor", compressor, "--memory", memory,
-                                "--no-progress", "--threads", "1", *extra])
+    argv = ["--epochs", str(EPOCHS), "--compressor", compressor, "--memory", memory, "--no-progress",
+            "--threads", "1"]
+    argv += ["--lr", str(lr)] if lr is not None else []
+    argv += ["--momentum", str(momentum)] if momentum is not None else []
+    a = torch_train.parse_args(argv)
     return gradcomp.LocalWorld(2, timeout=600).run(lambda comm: torch_train.train(a, comm))
 
 
-RECIPES = [("powersgd:rank=4", "auto")]
+@functools.lru_cache(maxsize=1)
+def _dense():
+    return _train("none")[0]["acc"]
+
+
+def _cases():
+    for r in recipes.RECIPES:
+        marks = [] if r.method in CI_RECIPES else [
+            pytest.mark.slow, pytest.mark.skipif(not NIGHTLY, reason="nightly-sized recipe: GRADCOMP_NIGHTLY=1")]
+        yield pytest.param(r, id=r.method, marks=marks)
+
+
+def test_ci_recipes_exist_and_the_readme_states_the_same_table():
+    names = [r.method for r in recipes.RECIPES]
+    assert set(CI_RECIPES) <= set(names) and set(NOT_WITHIN_1) <= set(names)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert recipes.table() in readme, "README's recipe table is stale: paste `python -m gradcomp recipes`"
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("compressor,memory", RECIPES)
-def test_recipe_reaches_dense_accuracy_on_digits(compressor, memory):
-    dense = _train("none")[0]
-    got = _train(compressor, memory)
+@pytest.mark.parametrize("recipe", list(_cases()))
+def test_recipe_reaches_dense_accuracy_on_digits(recipe):
+    dense = _dense()
+    got = _train(recipe.compressor, recipe.memory, recipe.lr, recipe.momentum)
     assert got[0]["acc"] == got[1]["acc"]
-    assert got[0]["acc"] >= dense["acc"] - 1.0, (compressor, got[0]["acc"], dense["acc"])
     assert got[0]["total"]["ratio"] > 5, got[0]["total"]
+    floor = NOT_WITHIN_1.get(recipe.method)
+    if floor is not None:
+        assert got[0]["acc"] >= floor, (recipe, got[0]["acc"], dense)
+    else:
+        assert got[0]["acc"] >= dense - 1.0, (recipe, got[0]["acc"], dense)
