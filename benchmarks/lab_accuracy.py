@@ -35,12 +35,13 @@ from benchmarks.lab_cluster import REPO, NetLab, _Counting, make_optimizer, meth
 
 COLUMNS = ["task", "network", "method", "steps", "metric", "final", "best", "MB_sent", "wire_MB", "U/k", "train_s",
            "status"]
-CURVE_COLUMNS = ["task", "method", "step", "wall_s", "MB_sent", "metric", "value"]
+CURVE_COLUMNS = ["task", "network", "method", "step", "wall_s", "MB_sent", "metric", "value"]
 
 
 def add_args(p):
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--network", default="1gbit", help="per-link bandwidth of the emulated network (default 1gbit)")
+    p.add_argument("--network", default="1gbit", help="per-link bandwidth of the emulated network (default 1gbit); "
+                   "a comma list (e.g. 1gbit,100mbit) runs every method once per network")
     p.add_argument("--delay", default="2ms")
     p.add_argument("--tasks", default="digits,lm", help="digits,lm (default both)")
     p.add_argument("--methods", default="", help="only methods whose label contains one of these (comma list)")
@@ -205,44 +206,92 @@ def run(args) -> list[dict]:
     json.dump(methods, open(mfile, "w"))
     rows, curves = [], []
     try:
-        with NetLab(args.ranks, args.network, args.delay, smoke, args.loopback) as lab:
-            lab.probe(20 if smoke else 100)
-            out = os.path.join(tmp, "results.jsonl")
-            cmd = [sys.executable, "-m", "benchmarks.lab_accuracy", "--worker", "--tasks", ",".join(tasks),
-                   "--methods", mfile, "--out", out, "--steps", ",".join(str(budget[t]) for t in tasks),
-                   "--eval-every", ",".join(str(every[t]) for t in tasks),
-                   "--schedule", args.schedule, "--test-tokens", str(args.lm_test_tokens or (400 if smoke else 5000)), "--lm-batch", str(args.lm_batch)]
-            cmd += ["--smoke"] if smoke else []
-            t0 = time.time()
-            try:
-                r = lab.launch(cmd, timeout)
-                failed = f"launcher exit {r.returncode}" if r.returncode else ""
-            except subprocess.TimeoutExpired:
-                failed = f"timed out after {timeout}s"
-            got = {}
-            if os.path.exists(out):
-                got = {(g["task"], g["method"]): g for g in (json.loads(x) for x in open(out) if x.strip())}
-            for task in tasks:
-                for m in methods:
-                    g = got.get((task, m["label"]), {"status": f"not run ({failed or 'no result'})"})
-                    row = {"task": task, "network": lab.label, "method": m["label"], "status": g.get("status")}
-                    pts = g.get("points") or []
-                    if g.get("status") == "ok" and pts:
-                        vals = [p["value"] for p in pts]
-                        row.update({"wire_MB": g.get("wire_MB"), "U/k": g.get("union_k")})
-                        row.update(metric=g["metric"], steps=pts[-1]["step"], final=vals[-1], MB_sent=pts[-1]["MB_sent"],
-                                   train_s=pts[-1]["wall_s"], best=max(vals) if g["metric"] == "acc" else min(vals))
-                        curves += [dict(p, task=task, method=m["label"], metric=g["metric"]) for p in pts]
-                    rows.append(row)
-            plotting.note(f"accuracy: {','.join(tasks)} on {lab.label}: {time.time() - t0:.0f}s")
+        networks = args.network.split(",")
+        for network in (networks[:1] if args.loopback else networks):     # loopback is unshaped: one run
+            with NetLab(args.ranks, network, args.delay, smoke, args.loopback) as lab:
+                lab.probe(20 if smoke else 100)
+                out = os.path.join(tmp, f"results-{network}.jsonl")
+                cmd = [sys.executable, "-m", "benchmarks.lab_accuracy", "--worker", "--tasks", ",".join(tasks),
+                       "--methods", mfile, "--out", out, "--steps", ",".join(str(budget[t]) for t in tasks),
+                       "--eval-every", ",".join(str(every[t]) for t in tasks),
+                       "--schedule", args.schedule, "--test-tokens", str(args.lm_test_tokens or (400 if smoke else 5000)),
+                       "--lm-batch", str(args.lm_batch)]
+                cmd += ["--smoke"] if smoke else []
+                t0 = time.time()
+                try:
+                    r = lab.launch(cmd, timeout)
+                    failed = f"launcher exit {r.returncode}" if r.returncode else ""
+                except subprocess.TimeoutExpired:
+                    failed = f"timed out after {timeout}s"
+                got = {}
+                if os.path.exists(out):
+                    got = {(g["task"], g["method"]): g for g in (json.loads(x) for x in open(out) if x.strip())}
+                for task in tasks:
+                    for m in methods:
+                        g = got.get((task, m["label"]), {"status": f"not run ({failed or 'no result'})"})
+                        row = {"task": task, "network": lab.label, "method": m["label"], "status": g.get("status")}
+                        pts = g.get("points") or []
+                        if g.get("status") == "ok" and pts:
+                            vals = [p["value"] for p in pts]
+                            row.update({"wire_MB": g.get("wire_MB"), "U/k": g.get("union_k")})
+                            row.update(metric=g["metric"], steps=pts[-1]["step"], final=vals[-1],
+                                       MB_sent=pts[-1]["MB_sent"],
+                                       train_s=pts[-1]["wall_s"], best=max(vals) if g["metric"] == "acc" else min(vals))
+                            curves += [dict(p, task=task, network=lab.label, method=m["label"], metric=g["metric"])
+                                       for p in pts]
+                        rows.append(row)
+                plotting.note(f"accuracy: {','.join(tasks)} on {lab.label}: {time.time() - t0:.0f}s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     plotting.emit(rows, COLUMNS, args.out, "accuracy", title=f"accuracy against bytes ({args.ranks} ranks)")
     plotting.write_csv(os.path.join(args.out, "accuracy_curves.csv"), curves, CURVE_COLUMNS)
+    nets = list(dict.fromkeys(r["network"] for r in rows))
     for task in tasks:
         _plot(plotting, os.path.join(args.out, f"accuracy_{task}.png"), task,
-              [c for c in curves if c["task"] == task], rows[0]["network"] if rows else "")
+              [c for c in curves if c["task"] == task and c.get("network") == nets[0]], nets[0] if nets else "")
+    tta = time_to_accuracy(rows, curves)
+    if tta:
+        plotting.emit(tta, TTA_COLUMNS, args.out, "time_to_accuracy",
+                      title=f"time to {TTA_FRACTION:.0%} of dense's final metric ({args.ranks} ranks)")
+        for task in tasks:
+            got = [r for r in tta if r["task"] == task]
+            if got:
+                plotting.grouped_bars(os.path.join(args.out, f"time_to_accuracy_{task}.png"), got, "network",
+                                      "method", "tta_s", title=f"{task}: training seconds to {TTA_FRACTION:.0%} "
+                                      "of dense's final (lower is better; 0: not reached)", ylabel="seconds")
     return rows
+
+
+TTA_FRACTION = 0.99
+TTA_COLUMNS = ["task", "network", "method", "target", "tta_step", "tta_s", "speedup", "final"]
+
+
+def time_to_accuracy(rows, curves, fraction=TTA_FRACTION) -> list[dict]:
+    """Per (task, network, method): the training wall time (evaluations excluded) of the first evaluation
+    point at or beyond `fraction` of dense's final metric (accuracy >= f * dense; perplexity <= dense / f),
+    and dense's time divided by it (speedup). Methods that never reach it get no time."""
+    out = []
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        dense = next((d for d in rows if d["task"] == r["task"] and d["network"] == r["network"]
+                      and d["method"].startswith("dense") and d.get("status") == "ok"), None)
+        if dense is None:
+            continue
+        acc = r.get("metric") == "acc"
+        target = dense["final"] * fraction if acc else dense["final"] / fraction
+        pts = [c for c in curves if c["task"] == r["task"] and c.get("network") == r["network"]
+               and c["method"] == r["method"]]
+        hit = next((c for c in pts if (c["value"] >= target if acc else c["value"] <= target)), None)
+        out.append({"task": r["task"], "network": r["network"], "method": r["method"], "target": target,
+                    "tta_step": hit["step"] if hit else None, "tta_s": hit["wall_s"] if hit else None,
+                    "final": r["final"]})
+    for r in out:
+        d = next((x for x in out if x["task"] == r["task"] and x["network"] == r["network"]
+                  and x["method"].startswith("dense")), None)
+        if d and d["tta_s"] and r["tta_s"]:
+            r["speedup"] = d["tta_s"] / r["tta_s"]
+    return out
 
 
 def recipe_methods(only: str = "") -> list[dict]:
