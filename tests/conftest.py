@@ -47,7 +47,8 @@ TEST_SPECS = {
 }
 # Extra variants worth testing beside each compressor's TEST_SPECS entry.
 EXTRA_SPECS = ["topk:ratio=0.1,mode=sampled", "aggtopk:ratio=0.1,chunk=8,metric=sketch",
-               "aggtopk:ratio=0.1,chunk=8,metric=prev", "scalecom:ratio=0.1,leaders=3"]
+               "aggtopk:ratio=0.1,chunk=8,metric=prev", "scalecom:ratio=0.1,leaders=3",
+               "topk:ratio=0.2,block=3"]
 
 
 def spec_for(name: str) -> str:

@@ -143,6 +143,62 @@ def test_exact_topk_keeps_the_k_largest(n, ratio, seed, levels):
         assert np.abs(vals).min() >= np.abs(x[dropped]).max()
 
 
+@given(n=st.integers(1, 3000), block=st.integers(2, 70), ratio=st.floats(0.001, 1.0), seed=SEEDS)
+def test_block_topk_keeps_the_blocks_of_largest_energy(n, block, ratio, seed):
+    """topk:block=B keeps whole blocks of B contiguous entries (the last one partial), those of the
+    largest energy, sends one index per block, and its decode / 2-rank aggregate are exact there."""
+    comp = load(f"topk:ratio={ratio!r},block={block}")
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * rng.choice([0.01, 1.0, 30.0], n)).astype(np.float32)
+    ctx = make_ctx(NP, "w", n)
+    (vals, blk), _ = compress_once(comp, x, ctx)
+    nb = -(-n // block)
+    keep = max(1, min(nb, int(round(ratio * n / block))))
+    blk = blk.astype(np.int64)
+    assert blk.dtype == np.int64 and len(blk) == keep == len(np.unique(blk)) and len(vals) == keep * block
+    assert np.all(np.diff(blk) > 0) and blk.min() >= 0 and blk.max() < nb
+    xp = np.zeros(nb * block, np.float32)
+    xp[:n] = x
+    energy = (xp.astype(np.float64).reshape(nb, block) ** 2).sum(1)
+    np.testing.assert_array_equal(vals, xp.reshape(nb, block)[blk].reshape(-1))
+    others = np.setdiff1d(np.arange(nb), blk)
+    if len(others):                       # float32 sums in the backend: a relative margin for near-ties
+        assert energy[blk].min() >= energy[others].max() * (1 - 1e-5)
+    want = np.zeros(n)
+    for j in blk:
+        want[j * block:(j + 1) * block] = x[j * block:(j + 1) * block]
+    np.testing.assert_array_equal(f64(comp.decompress([vals, blk.astype(np.int32)], None, ctx)), want)
+    y = (rng.standard_normal(n)).astype(np.float32)
+    (vy, by), _ = compress_once(comp, y, ctx)
+    agg = f64(comp.aggregate([[vals, blk.astype(np.int32)], [vy, by]], None, ctx))
+    np.testing.assert_allclose(agg, (want + f64(comp.decompress([vy, by], None, ctx))) / 2, rtol=1e-6, atol=1e-6)
+    assert comp.ratio_of(n) == pytest.approx(4 * n / (4 * keep * (block + 1)))
+
+
+def test_block_topk_sends_an_embedding_row_per_index():
+    """An embedding-like gradient (a few non-zero rows of 64): block=64 recovers exactly those rows,
+    with 4 (64 + 1) bytes per row on the wire, on 2 LocalWorld ranks through GradientSync."""
+    rows, width, hot = 500, 64, [3, 77, 78, 401]
+    n = rows * width
+
+    def fn(comm):
+        g = np.zeros((rows, width), np.float32)
+        g[hot[comm.rank::2]] = 1.0 + comm.rank
+        g += np.random.default_rng(comm.rank).standard_normal(g.shape).astype(np.float32) * 1e-3
+        rec = RecordingComm(comm)
+        sync = gradcomp.GradientSync(f"topk:ratio={2 * width / n!r},block={width}", memory="none", comm=rec)
+        return g.reshape(-1), f64(sync.step({"emb": g.reshape(-1)})["emb"]), rec.payload_bytes()
+
+    res = world(2, fn)
+    want = np.zeros((rows, width))
+    for r in (0, 1):                      # each hot row is sent by its one rank: the average is half of it
+        want[hot[r::2]] = f64(res[r][0]).reshape(rows, width)[hot[r::2]] / 2
+    for _, out, nbytes in res:
+        assert np.flatnonzero(np.abs(out.reshape(rows, width)).sum(1)).tolist() == hot
+        np.testing.assert_allclose(out.reshape(rows, width), want, rtol=1e-6, atol=0)
+        assert nbytes == 2 * 4 * (width + 1)
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("ratio", [0.001, 0.01])
 @pytest.mark.parametrize("seed", [0, 1])

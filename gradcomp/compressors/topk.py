@@ -24,11 +24,22 @@ scope=bucket  the pipeline fuses a bucket (gradcomp/fusion.py) and keeps the k =
               size) largest entries of the whole bucket: a global top-k, so a layer of small
               gradients may send nothing for a while (its residual keeps it) and one with large
               gradients more; one selection per bucket instead of one per tensor.
+block=B > 1  block top-k (ours, after the row sparsity of embedding and softmax gradients): the
+              flattened tensor is cut into nb = ceil(n / B) blocks of B contiguous entries (the last one
+              zero-padded), and the K = round(ratio * n / B) blocks (at least 1, at most nb) of largest
+              energy ||x_block||^2 are kept, exactly (a top-K over the nb block energies):
+
+                  C(x) = (x at the K blocks, J),  J = argtop_K ||x_j||^2,  payload 4 K (B + 1) bytes (fp32)
+
+              One int32 index per block instead of one per entry: at the same bytes about 2 B / (B + 1)
+              times as many entries as entry top-k (B = 64: 1.97x), chosen in blocks. `ratio` stays the
+              fraction of entries kept, so 100x fewer bytes is ratio = 1 / (100 (1 + 1/B)). With B equal
+              to an embedding's row length a block is one word's row. block=1 is entry top-k.
 Indices are sent sorted (ascending): the payload bytes are the same on every backend.
 Not summable (each rank picks its own indices): payloads are allgathered.
 """
 from gradcomp import rng
-from gradcomp.compressors.sparse import SparseCompressor, k_of
+from gradcomp.compressors.sparse import SparseCompressor, index_dtype, k_of
 from gradcomp.params import Param
 
 
@@ -43,6 +54,8 @@ class TopKCompressor(SparseCompressor):
         "slack": Param(float, 0.8, "sampled mode: threshold multiplier (<1 keeps more candidates)",
                        lo=0.0, hi=1.0, lo_open=True),
         "scope": Param(str, "tensor", "top-k per tensor, or over each fused bucket", choices=("tensor", "bucket")),
+        "block": Param(int, 1, "entries per selected block (1: entries; B > 1: blocks of B contiguous entries "
+                       "by energy, one index per block)", lo=1),
     }
 
     @property
@@ -67,9 +80,71 @@ class TopKCompressor(SparseCompressor):
             cand = b.gather(cand, b.topk_abs(b.gather(x, cand), k))
         return b.sort(cand)
 
+    def blocks(self, n: int) -> tuple[int, int]:
+        """(nb, K): blocks of `block` entries covering n entries, and blocks kept."""
+        nb = -(-n // self.block)
+        return nb, max(1, min(nb, int(round(self.ratio * n / self.block))))
+
     def compress(self, x, state, ctx):
+        if self.block > 1:
+            return self.compress_blocks(x, ctx), None
         k = k_of(self.ratio, ctx.numel)
         return self.pack(x, self.select(x, k, ctx), ctx), None
 
+    # ------------------------------------------------------------------ block top-k
+    def _flat(self, b, blk, like):
+        """Entry indices (int64, block-major) of the blocks `blk`."""
+        width = self.block
+        starts = b.reshape(b.cast(blk, "int64") * width, (-1, 1))
+        return b.reshape(starts + b.reshape(b.arange(width, like), (1, width)), (-1,))
+
+    def compress_blocks(self, x, ctx):
+        b, n, width = ctx.backend, ctx.numel, self.block
+        nb, keep = self.blocks(n)
+        xp = b.pad_to(x, nb * width)
+        energy = b.rowsum(b.reshape(xp * xp, (nb, width)))
+        blk = b.sort(b.topk_abs(energy, keep))
+        flat = self._flat(b, blk, x)
+        if nb * width == n:
+            ctx.memo["sent_idx"] = flat        # lets dgc's memory mask in O(k); else it uses the decode
+        else:
+            ctx.memo.pop("sent_idx", None)
+        return [b.gather(xp, flat), b.cast(blk, index_dtype(nb))]
+
+    def _scatter_blocks(self, b, vals, blk, n, add: bool):
+        nb = -(-n // self.block)
+        flat = self._flat(b, blk, vals)
+        out = (b.scatter_add if add else b.scatter)(nb * self.block, flat, vals)
+        return out if nb * self.block == n else b.slice(out, 0, n)
+
+    def decompress(self, payload, info, ctx):
+        if self.block == 1:
+            return super().decompress(payload, info, ctx)
+        vals, blk = payload
+        return self._scatter_blocks(ctx.backend, vals, blk, ctx.numel, add=False)
+
+    def aggregate(self, gathered, info, ctx):
+        if self.block == 1:
+            return super().aggregate(gathered, info, ctx)
+        b = ctx.backend
+        vals = b.cat([p[0] for p in gathered])
+        blk = b.cat([b.cast(p[1], "int64") for p in gathered])
+        return self._scatter_blocks(b, vals, blk, ctx.numel, add=True) * (1.0 / len(gathered))
+
+    def union(self, gathered, info, ctx):
+        """Distinct entries over all ranks' blocks (the zero padding of a last partial block excluded),
+        and the mean entries kept per rank."""
+        if self.block == 1:
+            return super().union(gathered, info, ctx)
+        b, n = ctx.backend, ctx.numel
+        ones = [b.zeros(b.numel(p[0]), "float32", p[0]) + 1.0 for p in gathered]
+        hits = self._scatter_blocks(b, b.cat(ones), b.cat([b.cast(p[1], "int64") for p in gathered]), n, add=True)
+        kept = sum(b.numel(p[0]) for p in gathered) / len(gathered)
+        kept = min(float(n), kept)
+        return b.sum(b.cast(b.greater_equal(hits, 0.5), "float32")), kept
+
     def ratio_of(self, numel):
+        if self.block > 1:
+            _, keep = self.blocks(numel)
+            return 4 * numel / (4 * keep * (self.block + 1))
         return 4 * numel / (k_of(self.ratio, numel) * 8)
