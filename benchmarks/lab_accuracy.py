@@ -18,6 +18,13 @@ Optimizers are the example's: SGD(lr 0.05, momentum 0.9, batch 32 per rank) for 
 0.003) with gradient clipping 0.25 for the LM (10k-word vocabulary from wikitext2-valid, embedding 64,
 one LSTM layer of 128, bptt 35, `--lm-batch` sequences per rank). Outputs accuracy.csv (final point per task and method),
 accuracy_curves.csv (every point) and accuracy_<task>.png (metric vs MB sent, metric vs seconds).
+
+`--recipes` runs dense beside every recipe of gradcomp/recipes.py instead (the README's recipe table:
+compressor, memory and the SGD lr / momentum as the user writes them, per method); `--schedule cosine`
+decays the learning rate to 0 over the budget as the example does. `--network` may be a comma list
+(e.g. 1gbit,100mbit: every method once per network); then time_to_accuracy.csv / .md and
+time_to_accuracy_<task>.png give, per network and method, the training seconds (evaluations excluded) to
+the first evaluation at 99% of dense's final accuracy (perplexity: dense's / 0.99) and dense's time over it.
 """
 from __future__ import annotations
 
