@@ -44,6 +44,7 @@ class DGCCompressor(TopKCompressor):
     mode = "sampled"                # TopKCompressor.select reads it; fixed for DGC
     default_memory = "dgc"
     fusion = None                   # per tensor: dense_1d and the warm-up are decided per tensor
+    block = 1                       # TopKCompressor's block size: DGC selects single entries
     paper = "Lin et al. Deep Gradient Compression: Reducing the Communication Bandwidth for Distributed Training. ICLR 2018"
     params = {
         "ratio": Param(float, 0.001, "final density (fraction of entries sent)", lo=0.0, hi=1.0, lo_open=True),
