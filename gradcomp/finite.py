@@ -24,10 +24,8 @@ def local_nonfinite(arrays) -> list:
         if a is None:
             continue
         b = get_backend(a)
-        key = (id(b), str(b.device(a)))
-        c = b.count_nonfinite(a)
-        groups[key] = (b, c if key not in groups else groups[key][1] + c)
-    return list(groups.values())
+        groups.setdefault((id(b), str(b.device(a))), (b, []))[1].append(a)
+    return [(b, b.count_nonfinite_all(xs)) for b, xs in groups.values()]
 
 
 def start_nonfinite(comm, arrays, name: str = "nonfinite.local") -> Handle:

@@ -170,7 +170,7 @@ class GradientSync:
         bucket = _Bucket(entries, names=[e.name for e in admitted])
         if (self.check_finite or absent is not None) and entries:
             b = entries[0].ctx.backend
-            bad = sum((b.count_nonfinite(e.g) for e in entries[1:]), b.count_nonfinite(entries[0].g))
+            bad = b.count_nonfinite_all([e.g for e in entries])
             flag = b.reshape(b.cast(bad, "float32"), (1,)) if self.check_finite else \
                 b.from_numpy(np.zeros(1, np.float32), entries[0].g)
             if absent is not None:

@@ -80,3 +80,20 @@ def test_count_distinct_equals_the_dense_count(backend):
         got = b.count_distinct(n, b.from_numpy(idx, like))
         ref = Backend.count_distinct(b, n, b.from_numpy(idx, like))
         assert int(b.item(got)) == int(b.item(ref)) == len(np.unique(idx))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_count_nonfinite_all_equals_the_per_array_counts(backend):
+    need_backend(backend)
+    b = backend_by_name(backend)
+    rng = np.random.default_rng(1)
+    cases = [np.ones(0, np.float32), rng.standard_normal(50).astype(np.float32),
+             np.array([1.0, np.nan, -np.inf, np.inf], np.float32), np.array([3e38, 3e38], np.float32),
+             np.array([6e4, 6e4, np.nan], np.float16), np.array([1e308, 1e308, 1.0], np.float64)]
+    like = None if backend == "numpy" else __import__("torch").zeros(1)
+    arrays = [b.from_numpy(a, like) for a in cases]
+    for pick in ([1], [0, 1], [1, 3], [1, 2, 3], [4, 5], [3, 5], list(range(len(cases)))):
+        xs = [arrays[i] for i in pick]
+        want = sum(int(np.size(a) - np.isfinite(a).sum()) for a in (cases[i] for i in pick))
+        got = b.count_nonfinite_all(xs)
+        assert b.dtype(got) == "float32" and int(b.item(got)) == want, pick

@@ -66,6 +66,12 @@ class Backend:
     def norm(self, x): raise NotImplementedError                # 0-d array, L2
     def mean_abs(self, x): raise NotImplementedError
     def count_nonfinite(self, x): raise NotImplementedError     # 0-d float32 array
+    def count_nonfinite_all(self, xs):
+        """0-d float32 array: the non-finite values of all arrays in xs (one device), summed."""
+        total = self.count_nonfinite(xs[0])
+        for x in xs[1:]:
+            total = total + self.count_nonfinite(x)
+        return total
     def item(self, x) -> float: raise NotImplementedError        # host sync
     def greater_equal(self, a, b): raise NotImplementedError
 

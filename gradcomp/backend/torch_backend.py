@@ -97,6 +97,17 @@ class TorchBackend(Backend):
         if x.device.type == "cpu" and x.numel() and bool(torch.isfinite(x.sum())):
             return torch.zeros((), dtype=torch.float32)
         return (x.numel() - torch.isfinite(x).sum()).to(torch.float32)
+    def count_nonfinite_all(self, xs):
+        # On CPU: every tensor's sum, one finiteness test and one read for all of them (as above: a
+        # finite sum proves its tensor finite); a non-finite sum takes the exact counts.
+        xs = [x for x in xs if x.numel()]
+        if not xs:
+            return torch.zeros((), dtype=torch.float32)
+        if xs[0].device.type != "cpu" or len(xs) == 1:
+            return super().count_nonfinite_all(xs)
+        if bool(torch.isfinite(torch.stack([x.sum().float() for x in xs])).all()):
+            return torch.zeros((), dtype=torch.float32)
+        return sum((x.numel() - torch.isfinite(x).sum()).to(torch.float32) for x in xs)
     def item(self, x): return float(x.item()) if torch.is_tensor(x) else float(x)
     def greater_equal(self, a, b): return a >= b
 
