@@ -263,14 +263,20 @@ def run(args) -> list[dict]:
         for task in tasks:
             got = [r for r in tta if r["task"] == task]
             if got:
-                plotting.grouped_bars(os.path.join(args.out, f"time_to_accuracy_{task}.png"), got, "network",
-                                      "method", "tta_s", title=f"{task}: training seconds to {TTA_FRACTION:.0%} "
-                                      "of dense's final (lower is better; 0: not reached)", ylabel="seconds")
+                tta_plot(plotting, os.path.join(args.out, f"time_to_accuracy_{task}.png"), task, got)
     return rows
 
 
 TTA_FRACTION = 0.99
 TTA_COLUMNS = ["task", "network", "method", "target", "tta_step", "tta_s", "speedup", "final"]
+
+
+def tta_plot(plotting, path, task, rows):
+    """Bars: training seconds to the target per method (x) and network (colour); no bar: not reached."""
+    short = [dict(r, method=r["method"].replace("recipe ", "").replace("dense allreduce (MPI fp32)", "dense"),
+                  network=r["network"].split(",")[0]) for r in rows]
+    plotting.grouped_bars(path, short, "network", "method", "tta_s", ylabel="training seconds",
+                          title=f"{task}: time to {TTA_FRACTION:.0%} of dense's final (no bar: not reached)")
 
 
 def time_to_accuracy(rows, curves, fraction=TTA_FRACTION) -> list[dict]:
