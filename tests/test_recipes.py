@@ -73,3 +73,27 @@ def test_recipe_reaches_dense_accuracy_on_digits(recipe):
         assert got[0]["acc"] >= floor, (recipe, got[0]["acc"], dense)
     else:
         assert got[0]["acc"] >= dense - 1.0, (recipe, got[0]["acc"], dense)
+
+
+def test_lab_runs_the_same_table_and_times_to_accuracy():
+    from benchmarks.lab_accuracy import recipe_methods, time_to_accuracy
+    ms = recipe_methods()
+    assert ms[0]["kind"] == "dense" and len(ms) == len(recipes.RECIPES) + 1
+    by = {m["compressor"]: m for m in ms[1:]}
+    for r in recipes.RECIPES:
+        assert (by[r.compressor]["memory"], by[r.compressor]["lr"], by[r.compressor]["momentum"]) == \
+            (r.memory, r.lr, r.momentum)
+    assert [m["label"] for m in recipe_methods("topk")][1:] == [recipes.get("topk").label()]
+    net = "1gbit"
+    rows = [{"task": "digits", "network": net, "method": "dense allreduce (MPI fp32)", "status": "ok", "metric": "acc",
+             "final": 90.0},
+            {"task": "digits", "network": net, "method": "a", "status": "ok", "metric": "acc", "final": 89.5},
+            {"task": "digits", "network": net, "method": "b", "status": "ok", "metric": "acc", "final": 50.0}]
+    pts = {"dense allreduce (MPI fp32)": [(8, 1.0, 80.0), (16, 4.0, 89.2), (24, 6.0, 90.0)],
+           "a": [(8, 1.0, 89.0), (16, 2.0, 89.5)], "b": [(8, 0.5, 50.0)]}
+    curves = [{"task": "digits", "network": net, "method": m, "step": s, "wall_s": w, "value": v}
+              for m, p in pts.items() for s, w, v in p]
+    got = {r["method"]: r for r in time_to_accuracy(rows, curves)}
+    assert got["dense allreduce (MPI fp32)"]["tta_s"] == 4.0 and abs(got["a"]["target"] - 89.1) < 1e-9
+    assert got["a"]["tta_step"] == 16 and got["a"]["speedup"] == 2.0
+    assert got["b"]["tta_s"] is None and "speedup" not in got["b"]
