@@ -9,6 +9,11 @@ Calls must be issued in the same order on every rank (as with MPI); `name` label
 
   allreduce_group(xs) -> list of the sums of several 1-D arrays of one dtype, as one collective
                    (default: concatenated, one allreduce, split; Horovod: its grouped allreduce)
+  sendrecv(x, dest=, source=) -> the array `source` sent to this rank (pairwise exchange, issued
+                   by every rank in the same order like a collective; gTop-k's tree merge uses it).
+                   `native_sendrecv = True`: only the pairwise messages travel (LocalWorld, MPI,
+                   torch.distributed); otherwise (Horovod) it runs as an allgather, so every rank
+                   receives every rank's message, and gradcomp/traffic.py counts it that way.
 Ownership (what lets the pipeline skip copies): a transport with `accepts_donation = True` takes
 `allreduce(x, name=..., donate=True)`, meaning the caller gives `x` away, so the sum may be written
 into it in place; and with size > 1 its allreduce results are always private to the caller (never
@@ -92,6 +97,7 @@ class Communicator:
     local_rank: int = 0
     engine = "abstract"
     accepts_donation = False        # see the module docstring
+    native_sendrecv = False         # sendrecv moves only the pairwise messages (else: an allgather)
 
     def allreduce(self, x, *, name: str = "") -> Handle:
         raise NotImplementedError
@@ -119,6 +125,32 @@ class Communicator:
         h = self.allreduce(fused, name=name, donate=True) if take else self.allreduce(fused, name=name)
         return ThenHandle(h, lambda r: b.split(r, sizes))
 
+    def sendrecv(self, x, *, dest=None, source=None, count=None, name: str = "") -> Handle:
+        """Point-to-point exchange, called by every rank in the same order (like a collective): this
+        rank sends the 1-D array x to rank `dest` and receives from rank `source` a 1-D array of x's
+        dtype and `count` elements (default: x's length); either may be None (nothing sent /
+        received; x still gives the dtype). wait() returns the received array, or None.
+
+        This default runs it as one allgather: correct on any transport, but every rank then
+        receives every rank's message ((P-1) messages of traffic, not one); transports with
+        `native_sendrecv = True` override it with real point-to-point messages."""
+        from gradcomp.backend import get_backend
+        b = get_backend(x)
+        check_peers(self, dest, source, name)
+        want = b.numel(x) if count is None else int(count)
+        mine = x if dest is not None else b.slice(x, 0, 0)
+        h = self.allgather(mine, name=name)
+
+        def pick(parts):
+            if source is None:
+                return None
+            got = parts[source]
+            if b.numel(got) != want:
+                raise ValueError(f"sendrecv({name!r}): rank {self.rank} expected {want} elements from rank "
+                                 f"{source}, which sent {b.numel(got)}; every pair must agree on the size")
+            return got
+        return ThenHandle(h, pick)
+
     def barrier(self):
         import numpy as np
         self.allreduce(np.zeros(1, np.float32), name="barrier").wait()
@@ -130,6 +162,14 @@ class Communicator:
         raw = np.frombuffer(json.dumps(obj, sort_keys=True, default=str).encode(), dtype=np.uint8).copy()
         return [json.loads(bytes(np.asarray(p, dtype=np.uint8)).decode())
                 for p in self.allgather(raw, name=name).wait()]
+
+
+def check_peers(comm, dest, source, name: str):
+    """ValueError unless dest and source are None or ranks of `comm` other than this one."""
+    for what, peer in (("dest", dest), ("source", source)):
+        if peer is not None and (not isinstance(peer, int) or not 0 <= peer < comm.size or peer == comm.rank):
+            raise ValueError(f"sendrecv({name!r}): {what}={peer!r} on rank {comm.rank} of {comm.size}; pass "
+                             "another rank's number, or None for nothing")
 
 
 CODES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64")   # wire dtypes

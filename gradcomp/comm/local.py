@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 
 from gradcomp.backend import get_backend
-from gradcomp.comm.base import Communicator, Handle, timeout_error
+from gradcomp.comm.base import Communicator, Handle, check_peers, timeout_error
 
 
 class WorldAborted(RuntimeError):
@@ -94,6 +94,7 @@ class _LocalHandle(Handle):
 
 class LocalCommunicator(Communicator):
     engine = "local"
+    native_sendrecv = True
 
     def __init__(self, hub: _Hub, rank: int):
         self.hub, self.rank, self.size, self.local_rank = hub, rank, hub.size, rank
@@ -122,6 +123,26 @@ class LocalCommunicator(Communicator):
         b = get_backend(x)
         return self._issue("allgather", name, b.copy(x), lambda xs: list(xs),
                            lambda xs: [b.copy(a) for a in xs])
+
+    def sendrecv(self, x, *, dest=None, source=None, count=None, name=""):
+        """Every rank deposits (message, dest); each takes the one `source` addressed to it."""
+        b = get_backend(x)
+        check_peers(self, dest, source, name)
+        want, me = (b.numel(x) if count is None else int(count)), self.rank
+
+        def post(msgs):
+            if source is None:
+                return None
+            got, to = msgs[source]
+            if to != me:
+                raise RuntimeError(f"sendrecv({name!r}): rank {me} expected a message from rank {source}, "
+                                   f"which sent {'nothing' if to is None else f'to rank {to}'}")
+            if b.numel(got) != want:
+                raise ValueError(f"sendrecv({name!r}): rank {me} expected {want} elements from rank {source}, "
+                                 f"which sent {b.numel(got)}; every pair must agree on the size")
+            return b.copy(got)
+        return self._issue("sendrecv", name, (b.copy(x) if dest is not None else None, dest),
+                           lambda xs: list(xs), post)
 
     def broadcast(self, x, *, root=0, name=""):
         b = get_backend(x)

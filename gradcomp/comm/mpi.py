@@ -329,6 +329,19 @@ class _Failed:
         self.error = error
 
 
+class _Requests:
+    """Several MPI requests completed as one (Test/Wait of all)."""
+
+    def __init__(self, MPI, reqs):
+        self.MPI, self.reqs = MPI, reqs
+
+    def Test(self):
+        return self.MPI.Request.Testall(self.reqs)
+
+    def Wait(self):
+        self.MPI.Request.Waitall(self.reqs)
+
+
 class MPIHandle(Handle):
     """Result of one collective; `wait(timeout=None)` blocks, re-raising a worker error."""
 
@@ -406,6 +419,7 @@ class MPICommunicator(Communicator):
 
     engine = "mpi"
     accepts_donation = True
+    native_sendrecv = True
 
     def __init__(self, comm=None, *, threaded: bool | None = None, timeout="default",
                  cuda_aware: bool | None = None, progress: str = "auto", poll_max: float = 5e-4):
@@ -591,6 +605,24 @@ class MPICommunicator(Communicator):
                                           f"passed {v.dtype}; pass the same dtype on every rank"))
             return out
         return self._issue(f"broadcast[{root}]", name, work, v.back)
+
+    def sendrecv(self, x, *, dest=None, source=None, count=None, name=""):
+        """MPI_Isend to `dest` and MPI_Irecv from `source` (tag 7), completed together."""
+        from gradcomp.comm.base import check_peers
+        check_peers(self, dest, source, name)
+        v = self._view(x)
+        comm, MPI, dt = self.comm, self.MPI, self._dt(v.dtype)
+        out = v.alloc(v.n if count is None else int(count), v.dtype) if source is not None else None
+        v.mark()
+
+        def work():
+            v.ready()
+            reqs = ([comm.Irecv([out, dt], source=source, tag=7)] if source is not None else []) + \
+                ([comm.Isend([v.buf, dt], dest=dest, tag=7)] if dest is not None else [])
+            if reqs:
+                self._complete(lambda: _Requests(MPI, reqs))
+            return out
+        return self._issue("sendrecv", name, work, lambda r: None if r is None else v.back(r))
 
     # ------------------------------------------------------------------ lifetime
     def close(self, at_exit: bool = False):

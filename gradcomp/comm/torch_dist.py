@@ -93,6 +93,7 @@ class TorchDistCommunicator(Communicator):
 
     engine = "torch"
     accepts_donation = True
+    native_sendrecv = True
 
     def __init__(self, group=None, *, init: bool = False, init_backend: str | None = None,
                  timeout="default", local_rank: int | None = None):
@@ -167,6 +168,32 @@ class TorchDistCommunicator(Communicator):
         return TorchHandle(work, lambda: [back(o[:c]) for o, c in zip(outs, counts)], "allgather", name,
                            self.rank, self.timeout, self.size)
 
+    def sendrecv(self, x, *, dest=None, source=None, count=None, name=""):
+        """torch.distributed isend to `dest` and irecv from `source`, in one batch_isend_irecv."""
+        from gradcomp.comm.base import check_peers
+        check_peers(self, dest, source, name)
+        torch, dist = self.torch, self.dist
+        t, _, back = self._tensor(x)
+        glob = (lambda r: r) if self.group is None else (lambda r: dist.get_global_rank(self.group, r))
+        out = torch.empty(t.numel() if count is None else int(count), dtype=t.dtype, device=t.device) \
+            if source is not None else None
+        ops = ([dist.P2POp(dist.irecv, out, glob(source), self.group)] if source is not None else []) + \
+            ([dist.P2POp(dist.isend, t.contiguous(), glob(dest), self.group)] if dest is not None else [])
+        works = dist.batch_isend_irecv(ops) if ops else []
+
+        def post():          # gloo's point-to-point works complete in wait(), not by polling is_completed
+            import datetime
+            for w in works:
+                try:
+                    w.wait(datetime.timedelta(seconds=self.timeout)) if self.timeout is not None else w.wait()
+                except RuntimeError as e:
+                    if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+                        raise
+                    raise timeout_error("torch.distributed", "sendrecv", name, self.rank, self.size,
+                                        self.timeout, str(e)) from e
+            return None if out is None else back(out)
+        return TorchHandle(None, post, "sendrecv", name, self.rank, self.timeout, self.size)
+
     def broadcast(self, x, *, root=0, name=""):
         if not isinstance(root, int) or not 0 <= root < self.size:
             raise ValueError(f"broadcast root must be a rank in [0, {self.size}), got {root!r}")
@@ -189,3 +216,4 @@ class TorchDistCommunicator(Communicator):
                                  f"passed {mine}; pass the same dtype on every rank")
             return back(out)
         return TorchHandle(work, post, f"broadcast[{root}]", name, self.rank, self.timeout, self.size)
+

@@ -175,6 +175,43 @@ def check_broadcast(comm):
         ok(np.array_equal(as_np(x), before), f"broadcast {kind} {dt}: input was modified")
 
 
+def check_sendrecv(comm):
+    """Pairwise exchange (rank r with r ^ 1), a call where this rank only sends or only receives, and
+    gtopk's tree merge (which runs on it) equal to the LocalWorld reference, with its wire bytes."""
+    import gradcomp
+    size, rank = comm.size, comm.rank
+    peer = rank ^ 1 if (rank ^ 1) < size else None
+    for kind, dt in (("numpy", "float32"), ("torch", "float32"), ("numpy", "uint8"), ("torch", "int32")):
+        x = make(kind, data(rank, 17, dt), dt)
+        res = comm.sendrecv(x, dest=peer, source=peer, name=f"sr.{kind}.{dt}").wait()
+        if peer is None:
+            ok(res is None, f"sendrecv {kind} {dt}: no source, expected None")
+        else:
+            same_kind(res, x, dt, 17, f"sendrecv {kind} {dt}")
+            ok(np.array_equal(as_np(res), as_np(make(kind, data(peer, 17, dt), dt))), f"sendrecv {kind} {dt}: wrong")
+    if size > 1:                                    # one way only: rank 0 -> rank size-1, 5 elements
+        x = make("numpy", data(rank, 5, "float32"), "float32")
+        res = comm.sendrecv(x, dest=size - 1 if rank == 0 else None, source=0 if rank == size - 1 else None,
+                            count=5, name="sr.oneway").wait()
+        ok((res is None) == (rank != size - 1), "sendrecv one way: wrong receiver")
+        ok(res is None or np.array_equal(as_np(res), data(0, 5, "float32")), "sendrecv one way: wrong data")
+
+    def run(c, kind):
+        import torch
+        s = gradcomp.GradientSync("gtopk:ratio=0.05", comm=c, seed=1)
+        outs = []
+        for step in range(2):
+            g = data(c.rank + 7 * step, 300, "float32").astype(np.float32) / 50.0
+            outs.append(as_np(s.step({"w": torch.from_numpy(g) if kind == "torch" else g})["w"]))
+        return outs, s.stats()
+    for kind in ("numpy", "torch"):
+        mine, stats = run(comm, kind)
+        ref = gradcomp.LocalWorld(size).run(lambda c: run(c, kind))[rank]
+        ok(all(np.array_equal(a, b) for a, b in zip(mine, ref[0])), f"gtopk tree {kind}: differs from LocalWorld")
+        want = ref[1]["wire_sent"] if comm.native_sendrecv else None
+        ok(want is None or stats["wire_sent"] == want, f"gtopk tree {kind}: wire {stats} vs reference {ref[1]}")
+
+
 def check_async(comm):
     size, rank = comm.size, comm.rank
     a = data(rank, 4096, "float32").astype(np.float32)
@@ -358,7 +395,7 @@ def main():
         ok(0 <= comm.rank < comm.size and 0 <= comm.local_rank < comm.size, "rank/local_rank out of range")
         ranks = comm.allgather_object({"rank": comm.rank})
         ok([r["rank"] for r in ranks] == list(range(comm.size)), f"ranks {ranks}")
-        checks = (check_allreduce, check_donation, check_allgather, check_broadcast, check_async,
+        checks = (check_allreduce, check_donation, check_allgather, check_broadcast, check_sendrecv, check_async,
                   check_mpi_options, check_errors, check_gradient_sync) + ((check_tf,) if args.tf else ())
         for check in checks:
             t0 = time.monotonic()
