@@ -9,12 +9,14 @@ beyond this machine, for every method, from per-rank payloads measured on real g
 
      dense / summable rounds   ring allreduce   bytes 2 (P-1)/P s     time 2 (P-1) alpha + bytes / B
      non-summable              ring allgather   bytes (P-1) s         time (P-1) alpha + bytes / B
-     gtopk, tree merge         pairwise merge   bytes 2 ceil(log2 P) s   time 2 ceil(log2 P) alpha + bytes / B
+     gtopk as run (merge=tree) recursive doubling  bytes L s, L = log2 m (+1 off powers of two, m =
+                               2^floor(log2 P))      time L alpha + bytes / B  (busiest rank)
+     gtopk, paper's tree       reduce + broadcast    bytes 2 ceil(log2 P) s    time 2 ceil(log2 P) alpha + bytes / B
      scalecom index round,     pipelined chain  bytes s (each rank receives and forwards it once)
      as a broadcast                             time (P-1) alpha + bytes / B
 
-   gtopk is shown twice: as it runs today (allgather, the Communicator has no point-to-point) and under
-   the paper's tree merge. scalecom is shown as it runs (its index round rides an allreduce) and with
+   gtopk is shown as it runs (pairwise merge over Communicator.sendrecv), under the paper's
+   reduce-then-broadcast tree, and with merge=allgather. scalecom is shown as it runs (its index round rides an allreduce) and with
    that round as a broadcast.
 3. Output: one row per method and P with MB per rank and step, ms per step, and the speed-up over
    dense ring allreduce; `--json` also writes the rows.
@@ -68,11 +70,11 @@ def plans(label: str, spec: str, rounds: list[int]) -> list[tuple[str, list[tupl
     import gradcomp
     comp = gradcomp.create(spec)
     if not comp.summable:
-        out = [(label + (" (as run: allgather)" if getattr(comp, "traffic_model", None) else ""),
-                [("allgather", sum(rounds))])]
-        if getattr(comp, "traffic_model", None) == "tree":
-            out.append((label + " (tree merge, modelled)", [("tree", sum(rounds))]))
-        return out
+        if getattr(comp, "exchanges", False):           # gtopk merge=tree: recursive doubling, as run
+            return [(label + " (as run: pairwise merge)", [("butterfly", sum(rounds))]),
+                    (label + " (paper's tree + broadcast, modelled)", [("tree", sum(rounds))]),
+                    (label + " merge=allgather", [("allgather", sum(rounds))])]
+        return [(label, [("allgather", sum(rounds))])]
     out = [(label + (" (as run)" if comp.name == "scalecom" else ""), [("allreduce", r) for r in rounds])]
     if comp.name == "scalecom":
         out.append((label + " (index round as broadcast)", [("bcast", rounds[0]), ("allreduce", rounds[1])]))
@@ -87,7 +89,8 @@ def cost(plan, p: int, bandwidth: float, alpha: float) -> tuple[float, float]:
             b, msgs = (float(s) if p > 1 else 0.0), p - 1
         else:
             b = traffic.model(kind, s, p)
-            msgs = {"allreduce": 2 * (p - 1), "allgather": p - 1, "tree": 2 * math.ceil(math.log2(p))}[kind]
+            msgs = {"allreduce": 2 * (p - 1), "allgather": p - 1, "tree": 2 * math.ceil(math.log2(p)),
+                    "butterfly": traffic.butterfly_levels(p)}[kind]
         nbytes += b
         secs += msgs * alpha + b / bandwidth
     return nbytes, secs

@@ -7,7 +7,8 @@
 (call it once per bucket while backward is still running); `finish()` waits, runs the later
 rounds of multi-round compressors, decodes, and only then commits every residual and counter.
 Summable payloads go through one allreduce per dtype and bucket; the others through one
-allgather per bucket. Where the compressor allows it, a bucket's tensors are compressed as one
+allgather per bucket, or, for a compressor with its own exchange (`exchanges`: gtopk's tree merge),
+through its `exchange(comm, entries, tag)`. Where the compressor allows it, a bucket's tensors are compressed as one
 flat buffer (gradcomp/fusion.py; `fuse=`), with state still keyed by parameter name. If any
 rank saw a non-finite gradient, every rank raises
 NonFiniteGradientError from `finish()` and no state changes: the step can be skipped or retried.
@@ -288,6 +289,9 @@ class GradientSync:
                 give = [e.give and b.shares_memory(p, e.g) for (e, _, _), p in zip(items, parts)]
                 h = self.comm.allreduce_group(parts, name=f"{tag}.{dt}", donate=give)
                 bucket.handles.append(("allreduce", h, [(e, i, b.numel(p)) for e, i, p in items]))
+        elif getattr(self.compressor, "exchanges", False):     # its own algorithm (gtopk's tree merge)
+            h = self.compressor.exchange(self.comm, [(e.payload, e.info, e.ctx) for e in entries], f"{tag}.tree")
+            bucket.handles.append(("exchange", h, entries))
         else:
             arrays = [(e, i, p) for e in entries for i, p in enumerate(e.payload)]
             parts = [b.to_bytes(p) for _, _, p in arrays]
@@ -305,7 +309,10 @@ class GradientSync:
             t0 = now()
             res = h.wait()
             self.timer.add("wait", now() - t0)
-            if kind == "allreduce":
+            if kind == "exchange":
+                for e, part in zip(layout, res):
+                    e.gathered = part
+            elif kind == "allreduce":
                 for (e, i, _), part in zip(layout, res):
                     if e.reduced is None:
                         e.reduced = [None] * len(e.payload)

@@ -6,8 +6,13 @@ A payload of s bytes costs a rank different wire traffic depending on the collec
   ring allgather, rank r's own s_r  sends sum_q s_q - s_{r+1},  receives sum_q s_q - s_r
                                     (block q travels q -> q+1 -> ... -> q-1: rank r forwards every
                                     block but its successor's; with equal sizes both are (P-1) s)
-  tree merge (gTop-k) of s bytes    2 ceil(log2 P) * s on the critical path: log2 P levels of
-                                    pairwise merge up a binomial tree, then log2 P levels of broadcast
+  tree merge (gTop-k) of s bytes    as run (gtopk merge=tree, recursive doubling): log2 m messages of
+                                    s sent and received per rank (m = 2^floor(log2 P)), plus one more
+                                    each way on the ranks folded in at other P; counted message by
+                                    message by the compressor (an allgather per level on a transport
+                                    without point-to-point). The model `tree_merge` below is the
+                                    paper's reduce-then-broadcast tree: 2 ceil(log2 P) * s on the
+                                    critical path
   dense allreduce (the reference)   ring allreduce of the gradients in their own dtype
 
 `account(stats, comp, entry)` adds one committed tensor of one step to the counters kept in
@@ -59,16 +64,28 @@ def tree_merge(nbytes: float, size: int) -> float:
     return 2.0 * math.ceil(math.log2(size)) * nbytes if size > 1 else 0.0
 
 
+def butterfly_levels(size: int) -> int:
+    """Messages the busiest rank sends in gtopk's recursive-doubling merge at `size` ranks:
+    log2 m levels (m = 2^floor(log2 size)), plus the result sent back to a folded-in rank."""
+    if size <= 1:
+        return 0
+    m = 1 << (size.bit_length() - 1)
+    return (m.bit_length() - 1) + (1 if size > m else 0)
+
+
 def model(kind: str, nbytes: float, size: int) -> float:
     """Per-rank wire bytes of one step for a method whose per-rank payload is nbytes, at `size`
-    ranks: kind is 'allreduce', 'allgather' (equal sizes) or 'tree' (gTop-k merge)."""
+    ranks: kind is 'allreduce', 'allgather' (equal sizes), 'tree' (gTop-k's reduce-then-broadcast
+    tree, critical path) or 'butterfly' (gtopk merge=tree as run, busiest rank)."""
     if kind == "allreduce":
         return ring_allreduce(nbytes, size)
     if kind == "allgather":
         return float((size - 1) * nbytes)
     if kind == "tree":
         return tree_merge(nbytes, size)
-    raise ValueError(f"unknown collective model {kind!r}; valid: allreduce, allgather, tree")
+    if kind == "butterfly":
+        return float(butterfly_levels(size) * nbytes)
+    raise ValueError(f"unknown collective model {kind!r}; valid: allreduce, allgather, tree, butterfly")
 
 
 def new_counters() -> dict:
@@ -89,6 +106,11 @@ def account(stats: dict, comp, e, pending: list | None = None):
     if comp.summable:
         stats["allreduced"] += e.sent_bytes
         stats["bytes_recv"] += e.sent_bytes if p > 1 else 0
+    elif p > 1 and isinstance(e.info, dict) and "wire" in e.info:   # its own exchange counted its bytes
+        sent, recv = e.info["wire"]
+        stats["gather_sent"] = stats.get("gather_sent", 0) + sent
+        stats["gather_recv"] = stats.get("gather_recv", 0) + recv
+        stats["bytes_recv"] += recv
     elif p > 1:
         if comp.variable_size and not b.traced():
             sizes = [sum(b.nbytes(a) for a in payload) for payload in e.gathered]

@@ -183,9 +183,11 @@ def catching(fn):
 class RecordingComm(Communicator):
     """Delegates to another Communicator and records (op, name, nbytes) of every collective issued."""
 
-    def __init__(self, inner: Communicator):
+    def __init__(self, inner: Communicator, native_sendrecv: bool | None = None):
         self.inner, self.rank, self.size, self.local_rank = inner, inner.rank, inner.size, inner.local_rank
         self.engine = "recording"
+        # native_sendrecv=False: sendrecv runs as the base class's allgather (a transport without p2p)
+        self.native_sendrecv = inner.native_sendrecv if native_sendrecv is None else native_sendrecv
         self.log: list[tuple[str, str, int]] = []
         self.received: list[tuple[str, str, list]] = []   # (op, name, bytes of each rank's part)
 
@@ -197,7 +199,7 @@ class RecordingComm(Communicator):
 
         def note(res):
             parts = res if isinstance(res, list) else [res]
-            self.received.append((op, name, [get_backend(a).nbytes(a) for a in parts]))
+            self.received.append((op, name, [0 if a is None else get_backend(a).nbytes(a) for a in parts]))
             return res
         return ThenHandle(h, note)
 
@@ -213,6 +215,13 @@ class RecordingComm(Communicator):
         self._rec("broadcast", x, name)
         return self.inner.broadcast(x, root=root, name=name)
 
+    def sendrecv(self, x, *, dest=None, source=None, count=None, name=""):
+        if not self.native_sendrecv:            # the base class's fallback, through our allgather
+            return Communicator.sendrecv(self, x, dest=dest, source=source, count=count, name=name)
+        if dest is not None:
+            self._rec("send", x, name)
+        return self._got("recv", name, self.inner.sendrecv(x, dest=dest, source=source, count=count, name=name))
+
     def step_traffic(self) -> dict:
         """What the step collectives delivered, counted here at the transport: bytes received from
         the other ranks (allgather: their parts; allreduce: the sum) and per-rank ring wire bytes."""
@@ -222,7 +231,10 @@ class RecordingComm(Communicator):
         for op, name, parts in self.received:
             if not name.startswith("step"):
                 continue
-            if op == "allgather":
+            if op == "recv":                    # point-to-point: what arrived (sends: below)
+                sent, recv = 0, sum(parts)
+                out["recv"] += recv
+            elif op == "allgather":
                 sent, recv = traffic.ring_allgather(parts, r)
                 out["recv"] += recv
             else:
@@ -230,11 +242,24 @@ class RecordingComm(Communicator):
                 out["recv"] += parts[0] if p > 1 else 0
             out["wire_sent"] += sent
             out["wire_recv"] += recv
+        out["wire_sent"] += sum(nb for op, name, nb in self.log if op == "send" and name.startswith("step"))
         return out
 
     def payload_bytes(self) -> int:
-        """Bytes of the step collectives (payloads), excluding config checks and NaN flags."""
-        return sum(nb for _, name, nb in self.log if name.startswith("step"))
+        """Bytes of the step collectives (payloads), excluding config checks and NaN flags; of a
+        point-to-point exchange (gtopk's tree) only the first message a rank sends in each step, its
+        own payload (the later ones forward merged sets, counted in step_traffic's wire bytes)."""
+        first, total = set(), 0
+        for op, name, nb in self.log:
+            if not name.startswith("step"):
+                continue
+            if op == "send":
+                tag = name.split(".")[0]
+                if tag in first:
+                    continue
+                first.add(tag)
+            total += nb
+        return total
 
 
 def record_locals(sync):

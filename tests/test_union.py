@@ -132,6 +132,8 @@ def test_traffic_models():
     assert traffic.ring_allgather([1, 2, 3, 4], 3) == (10 - 1, 10 - 4)
     assert traffic.tree_merge(100, 8) == 600 and traffic.tree_merge(100, 5) == 600
     assert traffic.model("allgather", 100, 64) == 6300
+    assert [traffic.butterfly_levels(p) for p in (1, 2, 3, 4, 5, 8, 9)] == [0, 1, 2, 2, 3, 3, 4]
+    assert traffic.model("butterfly", 100, 8) == 300
     with pytest.raises(ValueError, match="valid: allreduce"):
         traffic.model("ring", 1, 2)
 
@@ -179,11 +181,11 @@ def test_scalecom_sums_the_values_at_the_leaders_topk():
 
 
 # --------------------------------------------------------------------------- gtopk
-def test_gtopk_is_the_global_topk_of_the_summed_local_topk_and_puts_back_the_rest():
+def test_gtopk_allgather_is_the_global_topk_of_the_summed_local_topk_and_puts_back_the_rest():
     n, k, size = 50, 4, 4
 
     def fn(comm):
-        sync = gradcomp.GradientSync(f"gtopk:ratio={k / n}", comm=comm, memory="residual")
+        sync = gradcomp.GradientSync(f"gtopk:ratio={k / n},merge=allgather", comm=comm, memory="residual")
         x = np.random.default_rng(comm.rank).standard_normal(n).astype(np.float32) * 0.01
         x[[0, 1]] = 3.0, -3.0                                  # hot on every rank: sums 12, -12
         x[10 + comm.rank], x[30 + comm.rank] = 5.0 + comm.rank, 1.0 + 0.1 * comm.rank   # local only
@@ -291,3 +293,103 @@ def test_scalecom_with_several_leaders_sends_every_leaders_top_entries_once():
     for _, avg, st in res:
         np.testing.assert_allclose(avg, want, rtol=1e-6, atol=1e-7)
         assert st["union"] == 5 and st["union_kept"] == k
+
+
+# --------------------------------------------------------------------------- gtopk tree merge
+def _reference_tree(xs, n, k):
+    """The paper's tree on plain numpy: ranks m.. folded into 0.., then pairwise merges (group sets)."""
+    from gradcomp.compressors.gtopk import merge_sets
+    p = len(xs)
+    m = 1 << (p.bit_length() - 1)
+    cur = []
+    for x in xs:
+        i = np.sort(np.argsort(-np.abs(x), kind="stable")[:k]).astype(np.int64)
+        cur.append((x[i], i))
+    for q in range(m, p):
+        cur[q - m] = merge_sets(NP, n, k, cur[q - m], cur[q])
+    g, step = cur[:m], 1
+    while step < m:
+        g = [merge_sets(NP, n, k, g[q], g[q ^ step]) for q in range(m)]
+        step *= 2
+    return g[0]
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 8])
+def test_gtopk_tree_merge_is_the_papers_tree_and_loses_nothing(size):
+    """Every rank gets the tree's k entries / P; what did not survive the merges stays in the residual
+    (sum of the ranks' inputs = P * average + sum of residuals, also for ranks folded in at P = 3, 5)."""
+    n, k = 120, 6
+    xs = [np.random.default_rng(r).standard_normal(n).astype(np.float32) for r in range(size)]
+    for x in xs:
+        x[[3, 50]] += 4.0                                  # hot on every rank: must win
+
+    def fn(comm):
+        sync = gradcomp.GradientSync(f"gtopk:ratio={k / n}", comm=comm, memory="residual")
+        return f64(sync.step({"w": xs[comm.rank].copy()})["w"]), f64(sync.residual("w")), sync.stats()
+
+    res = world(size, fn)
+    v, i = _reference_tree(xs, n, k)
+    want = np.zeros(n)
+    want[i] = v / size
+    assert {3, 50} <= set(i.tolist())
+    for avg, _, st in res:
+        np.testing.assert_allclose(avg, want, rtol=1e-6, atol=1e-8)
+        assert np.count_nonzero(avg) == k and st["union"] == k and st["union_k"] == 1.0
+    np.testing.assert_allclose(np.sum([f64(x) for x in xs], 0) - np.sum([r for _, r, _ in res], 0), size * want,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_gtopk_tree_traffic_matches_the_bytes_counted_at_the_transport(native):
+    """8 ranks: 3 levels of k (value, index) pairs each way (native point-to-point); without it each
+    level is an allgather and every rank receives the 7 others' messages. Same result either way."""
+    n, k = 400, 4
+
+    def fn(comm):
+        rec = RecordingComm(comm, native_sendrecv=native)
+        sync = gradcomp.GradientSync(f"gtopk:ratio={k / n}", comm=rec)
+        rng = np.random.default_rng(comm.rank)
+        outs = [f64(sync.step({"w": rng.standard_normal(n).astype(np.float32),
+                               "v": rng.standard_normal(n // 2).astype(np.float32)})["w"]) for _ in range(2)]
+        return outs, sync.stats(), rec.step_traffic()
+
+    res = world(8, fn)
+    pair = 2 * k * 8 + 2 * (k // 2) * 8                 # two tensors per message, 8 bytes per pair, 2 steps
+    for outs, st, seen in res:
+        np.testing.assert_array_equal(outs[1], res[0][0][1])
+        assert st["bytes_sent"] == pair
+        if native:
+            assert st["wire_sent"] == st["wire_recv"] == 3 * pair == seen["wire_sent"] == seen["recv"]
+        else:
+            assert st["wire_sent"] == st["wire_recv"] == 3 * 7 * pair == seen["wire_sent"] == seen["recv"]
+
+
+def test_gtopk_tree_and_fallback_give_identical_results():
+    n, k = 90, 5
+
+    def fn(comm, native):
+        sync = gradcomp.GradientSync(f"gtopk:ratio={k / n}", comm=RecordingComm(comm, native_sendrecv=native))
+        rng = np.random.default_rng(comm.rank)
+        return [f64(sync.step({"w": rng.standard_normal(n).astype(np.float32)})["w"]) for _ in range(3)]
+
+    for a, b in zip(world(5, lambda c: fn(c, True)), world(5, lambda c: fn(c, False))):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_sendrecv_errors_name_the_problem():
+    def fn(comm):
+        x = np.arange(3, dtype=np.float32)
+        with pytest.raises(ValueError, match="dest=5"):
+            comm.sendrecv(x, dest=5, source=None, name="bad")
+        with pytest.raises(ValueError, match="dest=.*another rank"):
+            comm.sendrecv(x, dest=comm.rank, name="self")
+        got = comm.sendrecv(x + comm.rank, dest=1 - comm.rank, source=1 - comm.rank, name="ok").wait()
+        return got
+
+    res = world(2, fn)
+    np.testing.assert_array_equal(res[0], np.arange(3) + 1)
+    np.testing.assert_array_equal(res[1], np.arange(3))
+    with pytest.raises(ValueError, match="expected 4 elements from rank 0, which sent 3"):
+        world(2, lambda c: c.sendrecv(np.zeros(3 if c.rank == 0 else 4, np.float32), dest=1 - c.rank,
+                                      source=1 - c.rank, name="size").wait())
