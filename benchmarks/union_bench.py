@@ -25,6 +25,10 @@ import sys
 import threading
 import time
 
+from gradcomp.compressors.base import Compressor
+from gradcomp.compressors.sparse import k_of
+from gradcomp.params import Param
+
 _BUILD = threading.Lock()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ["task", "ranks", "seed", "method", "memory", "steps", "metric", "final", "U/k", "U/k_last_epoch",
@@ -46,6 +50,7 @@ def _rank(comm, a, methods):
     tt = _example()
     args = ["--task", a.task, "--no-progress", "--seed", str(a.seed)]
     args += (["--lr", str(a.lr)] if a.lr else []) + (["--momentum", str(a.momentum)] if a.momentum is not None else [])
+    args += ["--batch-size", str(a.batch_size)] if a.batch_size and a.task == "digits" else []
     if a.task == "lm":
         args += ["--batch-size", str(a.lm_batch), "--max-vocab", str(a.max_vocab)]
         if a.data:
@@ -100,6 +105,31 @@ def _rank(comm, a, methods):
     return out
 
 
+class Oracle(Compressor):
+    """Diagnostic, not a method (`oracle:ratio=R`, registered by this benchmark only): the exact top-k
+    of the *sum* of every rank's memory-compensated gradient, with every rank's values there. It
+    allreduces the dense vectors (the traffic of dense), so it shows what a selection of k shared
+    coordinates can reach at best; each rank's residual keeps what lies outside the k."""
+    name = "oracle"
+    summable = True
+    graph_safe = False
+    params = {"ratio": Param(float, 0.01, "fraction of entries kept", lo=0.0, hi=1.0, lo_open=True)}
+
+    def compress(self, x, state, ctx):
+        return [x], {"k": k_of(self.ratio, ctx.numel)}
+
+    def decompress(self, payload, info, ctx):     # GradientSync decodes the sum first (sets J), then ours
+        b, v = ctx.backend, payload[0]
+        if "J" not in info:
+            info["J"] = b.topk_abs(v, info["k"])
+        return v * b.scatter(ctx.numel, info["J"], b.zeros(info["k"], b.dtype(v), v) + 1.0)
+
+
+def _register_oracle():
+    from gradcomp import registry
+    registry.COMPRESSORS.setdefault("oracle", "benchmarks.union_bench:Oracle")
+
+
 def parse_methods(text: str):
     out = []
     for m in filter(None, (s.strip() for s in text.split(";"))):
@@ -113,6 +143,7 @@ def run(a) -> list[dict]:
     import gradcomp
     from benchmarks import plotting
     torch.set_num_threads(1)
+    _register_oracle()
     methods = parse_methods(a.methods)
     t0 = time.time()
     res = gradcomp.LocalWorld(a.ranks, timeout=a.timeout).run(lambda comm: _rank(comm, a, methods))
@@ -136,6 +167,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--max-steps", type=int, default=0, help="stop each method after this many steps (0: epochs)")
     p.add_argument("--methods", default="topk:ratio=0.01;gtopk:ratio=0.01;scalecom:ratio=0.01;aggtopk:ratio=0.01")
+    p.add_argument("--batch-size", type=int, default=0, help="digits: images per rank and step (default: the example's 32)")
     p.add_argument("--lm-batch", type=int, default=8)
     p.add_argument("--max-vocab", type=int, default=10000)
     p.add_argument("--test-tokens", type=int, default=20000)
