@@ -385,7 +385,8 @@ class GradientSync:
                     if comp.summable:
                         avg = comp.decompress(e.reduced, e.info, e.ctx)
                         if e.ctx.size > 1:
-                            mine = self._donate and any(b.shares_memory(avg, r) for r in e.reduced or ())
+                            view = any(b.shares_memory(avg, r) for r in e.reduced or ())
+                            mine = self._donate if view else comp.decodes_fresh
                             avg = b.scale_(avg, 1.0 / e.ctx.size) if mine else avg * (1.0 / e.ctx.size)
                     else:
                         avg = comp.aggregate(e.gathered, e.info, e.ctx)

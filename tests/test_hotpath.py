@@ -97,3 +97,30 @@ def test_count_nonfinite_all_equals_the_per_array_counts(backend):
         want = sum(int(np.size(a) - np.isfinite(a).sum()) for a in (cases[i] for i in pick))
         got = b.count_nonfinite_all(xs)
         assert b.dtype(got) == "float32" and int(b.item(got)) == want, pick
+
+
+@pytest.mark.parametrize("spec", ["randomk:ratio=0.25", "randomk:ratio=0.25,unbiased=true", "powersgd:rank=2",
+                                  "powersgd:rank=2,warmup=1"])
+def test_average_scaled_in_place_is_bit_identical(spec):
+    """decodes_fresh: the decoded sum is scaled by 1/P in place; the same numbers as a new array, and
+    no state aliases the returned average."""
+    need_backend("torch")
+
+    def run(comm, fresh):
+        sync = gradcomp.GradientSync(spec, memory="auto", comm=comm, seed=4)
+        sync.compressor.decodes_fresh = fresh
+        rng = np.random.default_rng([6, comm.rank])
+        import torch
+        outs = []
+        for _ in range(3):
+            out = sync.step({k: torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()})
+            outs.append({k: to_np(v).copy() for k, v in out.items()})
+            for v in out.values():
+                v.mul_(0.0)           # the caller owns the averages: state must not change with them
+        return outs
+
+    res = world(2, lambda c: (run(c, True), run(c, False)))
+    for a, b in res:
+        for t1, t2 in zip(a, b):
+            for k in t1:
+                np.testing.assert_array_equal(t1[k], t2[k], err_msg=k)

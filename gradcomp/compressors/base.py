@@ -63,6 +63,9 @@ class Compressor(Configurable):
     # the bucket as one tensor (one random draw, one selection or one projection per bucket).
     fusion = None
     elementwise_cheap = False   # one elementwise kernel per tensor: fusing buys nothing on a CPU
+    # Summable: decompress() returns a newly allocated array or (a view of) the reduced payload, never
+    # state or an input, so the pipeline may scale the average in place (no second buffer of n).
+    decodes_fresh = False
 
     def init_state(self, x, ctx: Ctx) -> dict:
         """Persistent per-tensor state (plain arrays), created on first sight of the tensor."""

@@ -32,6 +32,7 @@ from gradcomp.params import Param
 class PowerSGDCompressor(Compressor):
     name = "powersgd"
     summable = True
+    decodes_fresh = True        # a matmul into a new array, or the reduced payload (dense tensors)
     rounds = 2
     replicated_state = ("q",)        # the warm-start Q is the average over ranks: identical everywhere
     paper = "Vogels, Karimireddy, Jaggi. PowerSGD: Practical Low-Rank Gradient Compression. NeurIPS 2019"

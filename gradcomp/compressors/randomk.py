@@ -26,6 +26,7 @@ def stratified_indices(b, key, n: int, k: int, like):
 class RandomKCompressor(Compressor):
     name = "randomk"
     summable = True
+    decodes_fresh = True        # a scatter into a new array
     fusion = "correct"          # a fused bucket: k = ratio * (bucket size) strata over the bucket
     paper = "Stich, Cordonnier, Jaggi. Sparsified SGD with Memory. NeurIPS 2018"
     params = {
