@@ -159,6 +159,16 @@ def test_mpi_two_ranks():
 
 
 @pytest.mark.mpi
+@pytest.mark.timeout(2 * OUTER)
+def test_mpi_sum_paths_four_ranks():
+    """4 ranks: the in-place sums go through a separate buffer (libnbc's bandwidth-optimal algorithm);
+    every sum path agrees with MPI_Allreduce on every dtype (2 ranks: bit for bit, in test_mpi_two_ranks)."""
+    _need_mpi()
+    rc, out, *_ = _launch(MPIRUN[:-1] + ["4", sys.executable, str(SCRIPT), "mpi", "--only", "mpi_sum_paths"])
+    _assert_ok(rc, out, "mpi", n=4)
+
+
+@pytest.mark.mpi
 @pytest.mark.tf
 @pytest.mark.timeout(4 * OUTER)
 def test_mpi_auto_two_ranks_with_tf_tensors():

@@ -27,7 +27,11 @@ cores shared by the local ranks), and polls otherwise, where a spinning worker w
 threads' core (measurements: docs/benchmarks.md part 4).
 The input must not be modified until `wait()` returns (as with any nonblocking MPI call).
 Wire format (bytes are the payload's own, nothing is widened on the host path):
-  allreduce   MPI_Allreduce(SUM); float16 and bfloat16 use user-defined sum ops (Open MPI 4.1 has
+  allreduce   a sum (SUM); with 2 ranks a pairwise exchange (MPI_Isend/MPI_Irecv of the whole array
+              both ways at once, then the sum locally), otherwise MPI_Iallreduce (see `_sum`:
+              libnbc's default for fewer than 4 ranks or in place is a binomial tree, which sends
+              the data over the links one way after the other; allreduce_algorithm="mpi" keeps
+              MPI_Iallreduce always). float16 and bfloat16 use user-defined sum ops (Open MPI 4.1 has
               no half-precision SUM) that add in float32 and round once to nearest-even, so 2 bytes
               per element travel. Integer sums wrap like numpy (int8/uint8 through a numpy op too:
               Open MPI 4.1's AVX SUM saturates them). On the CUDA-aware path those four dtypes are
@@ -91,6 +95,14 @@ def wait_request(req, timeout, what: str, poll_max: float = 5e-4):
             raise timeout_error("MPI", op, name, rank, size, timeout)
         time.sleep(delay)
         delay = min(poll_max, max(2e-5, delay * 1.5))
+
+
+# Open MPI's libnbc (4.1) runs MPI_Iallreduce as a binomial reduce-to-root then broadcast whenever
+# there are fewer than 4 ranks or the call is in place: each rank's data crosses the links one
+# after the other, twice the time of a bandwidth-optimal allreduce. The transport therefore sums
+# large arrays of 2 ranks with its own pairwise exchange, and hands libnbc a separate send buffer
+# when there are 4 or more ranks (where it then picks Rabenseifner's reduce-scatter + allgather).
+_PAIR_TAG = 7301                      # our communicator is private: only its worker sends on it
 
 
 # ------------------------------------------------------------------ half-precision sums
@@ -422,7 +434,8 @@ class MPICommunicator(Communicator):
     native_sendrecv = True
 
     def __init__(self, comm=None, *, threaded: bool | None = None, timeout="default",
-                 cuda_aware: bool | None = None, progress: str = "auto", poll_max: float = 5e-4):
+                 cuda_aware: bool | None = None, progress: str = "auto", poll_max: float = 5e-4,
+                 allreduce_algorithm: str = "auto"):
         from gradcomp.config import resolve_timeout
         self.timeout = resolve_timeout(timeout)
         MPI = self.MPI = import_mpi()
@@ -451,6 +464,10 @@ class MPICommunicator(Communicator):
             raise ValueError(f"progress must be 'auto', 'poll' or 'block', got {progress!r}")
         if progress == "auto":
             progress = "block" if cores_per_rank(self.local_size) >= 2 else "poll"
+        if allreduce_algorithm not in ("auto", "mpi"):
+            raise ValueError(f"allreduce_algorithm must be 'auto' (gradcomp's pairwise exchange for 2 ranks, "
+                             f"see _sum) or 'mpi' (MPI_Iallreduce as the library picks), got {allreduce_algorithm!r}")
+        self.pairwise = allreduce_algorithm == "auto"
         self._cuda_aware, self.progress, self.poll_max = cuda_aware, progress, poll_max
         self.broken = None
         self._lock = threading.Lock()
@@ -514,20 +531,48 @@ class MPICommunicator(Communicator):
     def _dt(self, dtype):
         return getattr(self.MPI, _MPI_TYPE[dtype])
 
+    def _sum(self, send, out, dt, op, host=True):
+        """Sum over ranks into `out` (send is MPI.IN_PLACE: `out` holds this rank's data), run to
+        completion by `_complete`. With 2 ranks (host memory): one pairwise exchange, both
+        directions at once, then `op` locally; the op is commutative, so both ranks hold the same
+        bits (and the same as MPI_Allreduce's). With 4 or more ranks an in-place sum goes through a
+        separate receive buffer, so that libnbc may pick its bandwidth-optimal algorithm (see
+        _PAIR_TAG's comment); device buffers and 3 ranks: MPI_Iallreduce as it is."""
+        MPI, comm = self.MPI, self.comm
+        inplace = send is MPI.IN_PLACE
+        if not host or not self.pairwise or self.size == 3:
+            self._complete(lambda: comm.Iallreduce(send if inplace else [send, dt], [out, dt], op=op))
+            return
+        if self.size == 2:
+            peer, mine = 1 - self.rank, (out if inplace else send)
+            got = np.empty_like(out) if inplace else out
+            self._complete(lambda: _Requests(MPI, [comm.Irecv([got, dt], source=peer, tag=_PAIR_TAG),
+                                                   comm.Isend([mine, dt], dest=peer, tag=_PAIR_TAG)]))
+            if inplace:
+                op.Reduce_local([got, dt], [out, dt])      # out = peer's + mine
+            else:
+                op.Reduce_local([send, dt], [out, dt])     # out = mine + peer's
+            return
+        if not inplace:
+            self._complete(lambda: comm.Iallreduce([send, dt], [out, dt], op=op))
+            return
+        tmp = np.empty_like(out)
+        self._complete(lambda: comm.Iallreduce([out, dt], [tmp, dt], op=op))
+        out[:] = tmp
+
     # ------------------------------------------------------------------ collectives
     def allreduce(self, x, *, name="", donate=False):
         v = self._view(x)
         if v.device is not None and v.dtype in _OWN_SUMS:   # our numpy ops cannot read device memory
             v.widen()
-        comm, dt, op = self.comm, self._dt(v.dtype), _sum_op(self.MPI, v.dtype)
+        dt, op = self._dt(v.dtype), _sum_op(self.MPI, v.dtype)
         in_place = donate and v.device is None and isinstance(v.buf, np.ndarray) and v.buf.flags.writeable
         out = v.buf if in_place else v.alloc(v.n, v.dtype)
         v.mark()
 
         def work():
             v.ready()
-            send = self.MPI.IN_PLACE if in_place else [v.buf, dt]
-            self._complete(lambda: comm.Iallreduce(send, [out, dt], op=op))
+            self._sum(self.MPI.IN_PLACE if in_place else v.buf, out, dt, op, host=v.device is None)
             return out
         return self._issue("allreduce", name, work, v.back)
 
@@ -543,14 +588,14 @@ class MPICommunicator(Communicator):
         if len(kinds) != 1:
             raise TypeError(f"allreduce_group({name!r}) needs one dtype, got {kinds}")
         dtype = kinds[0]
-        comm, dt, op = self.comm, self._dt(dtype), _sum_op(self.MPI, dtype)
+        dt, op = self._dt(dtype), _sum_op(self.MPI, dtype)
         bounds = np.cumsum([0] + [v.n for v in views])
         out = np.empty(int(bounds[-1]), _HOST[dtype])
         srcs = [torch_or_numpy(x, v.buf) for x, v in zip(xs, views)]
 
         def work():
             fill(out, srcs, bounds)
-            self._complete(lambda: comm.Iallreduce(self.MPI.IN_PLACE, [out, dt], op=op))
+            self._sum(self.MPI.IN_PLACE, out, dt, op)
             return out
 
         def post(total):

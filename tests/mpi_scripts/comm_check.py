@@ -273,6 +273,62 @@ def check_mpi_options(comm):
             CHECKS[0] += 1
 
 
+def check_mpi_sum_paths(comm):
+    """MPI only: every way the transport sums (2 ranks: its pairwise exchange; 4+: MPI_Iallreduce
+    through a separate buffer; allreduce_algorithm="mpi": MPI_Iallreduce as it is; unthreaded) gives
+    bit for bit what one blocking MPI_Allreduce gives, the same on every rank, for every wire dtype,
+    in place (donated, grouped) or not, at sizes from 0 to above the latency threshold."""
+    if comm.engine != "mpi":
+        return
+    from gradcomp.comm.mpi import MPICommunicator, _HOST, _MPI_TYPE, _sum_op, f32_to_bf16
+    MPI, size, rank = comm.MPI, comm.size, comm.rank
+    comms = [comm] + [MPICommunicator(timeout=INNER_TIMEOUT, **kw) for kw in
+                      ({"allreduce_algorithm": "mpi"}, {"threaded": False}, {"progress": "poll"})]
+    ok(comm.pairwise, "allreduce_algorithm 'auto' did not choose gradcomp's own sum paths")
+    try:
+        for dt in ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int32", "int64"):
+            for n in (0, 1, 7, 70001):
+                rng = np.random.default_rng(1000 * rank + n)
+                if dt.startswith("int") or dt.startswith("uint"):
+                    x = rng.integers(-100, 100, n).astype(_HOST[dt])
+                elif dt == "bfloat16":
+                    x = f32_to_bf16((rng.standard_normal(n) * 100).astype(np.float32))
+                else:
+                    x = (rng.standard_normal(n) * 100).astype(_HOST[dt])
+                ref = np.empty_like(x)
+                mdt = getattr(MPI, _MPI_TYPE[dt])
+                comm.comm.Allreduce([x, mdt], [ref, mdt], op=_sum_op(MPI, dt))
+                every = comm.allgather(ref.view(np.uint8), name="sum.ref").wait()
+                ok(all(np.array_equal(e, every[0]) for e in every), f"{dt} n={n}: MPI_Allreduce differs across ranks")
+                exact = size == 2 or not dt.startswith(("float", "bfloat"))   # else the order of the sum differs
+
+                def same(got, what):
+                    got = np.ascontiguousarray(got).view(ref.dtype)
+                    every = comm.allgather(got.view(np.uint8), name="sum.got").wait()
+                    ok(all(np.array_equal(e, every[0]) for e in every), f"{what}: differs across ranks")
+                    if exact:
+                        ok(np.array_equal(got.view(np.uint8), ref.view(np.uint8)), f"{what}: differs from MPI_Allreduce")
+                    else:
+                        wide = (lambda a: (a.astype(np.uint32) << 16).view(np.float32)) if dt == "bfloat16" else \
+                            (lambda a: a.astype(np.float64))
+                        ok(np.allclose(wide(got), wide(ref), rtol=0, atol=0.02 * np.abs(wide(ref)).max(initial=0.0)), f"{what}: wrong sum")
+                for i, c in enumerate(comms):
+                    arr = x.view(ml_dtypes.bfloat16) if dt == "bfloat16" and ml_dtypes else x
+                    if dt == "bfloat16" and not ml_dtypes:
+                        continue
+                    what = f"sum path {i} ({c.pairwise=}, {c.threaded=}, {c.progress}) {dt} n={n}"
+                    same(c.allreduce(arr, name="sum.plain").wait(), what)
+                    ok(np.array_equal(arr.view(np.uint8), x.view(np.uint8)), f"{what}: input modified")
+                    same(c.allreduce(arr.copy(), name="sum.donated", donate=True).wait(), what + " donated")
+                    if n:
+                        k = n // 3
+                        parts = c.allreduce_group([arr[:k], arr[k:]], name="sum.group").wait()
+                        same(np.concatenate([np.asarray(q) for q in parts]), what + " group")
+    finally:
+        for c in comms[1:]:
+            c.close()
+
+
 def check_errors(comm):
     import torch
     from gradcomp.comm.base import ConfigMismatchError, check_consistent
@@ -388,6 +444,7 @@ def main():
     ap.add_argument("backend", choices=("mpi", "auto", "torch", "horovod"))
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--tf", action="store_true", help="also check TF eager tensors")
+    ap.add_argument("--only", default="", help="run only check_ONLY (e.g. mpi_sum_paths)")
     args = ap.parse_args()
     comm = None
     try:
@@ -396,7 +453,10 @@ def main():
         ranks = comm.allgather_object({"rank": comm.rank})
         ok([r["rank"] for r in ranks] == list(range(comm.size)), f"ranks {ranks}")
         checks = (check_allreduce, check_donation, check_allgather, check_broadcast, check_sendrecv, check_async,
-                  check_mpi_options, check_errors, check_gradient_sync) + ((check_tf,) if args.tf else ())
+                  check_mpi_options, check_mpi_sum_paths, check_errors, check_gradient_sync) \
+            + ((check_tf,) if args.tf else ())
+        if args.only:
+            checks = tuple(c for c in checks if c.__name__ == f"check_{args.only}")
         for check in checks:
             t0 = time.monotonic()
             check(comm)
