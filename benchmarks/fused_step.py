@@ -43,6 +43,19 @@ def gradients(model: str, seed: int = 0) -> dict:
     return out
 
 
+CLOCK = time.perf_counter        # --cpu-time: time.process_time (this process's CPU seconds, all threads)
+
+
+def copy_time(flat, reps) -> float:
+    """Median ms of one flat fp32 clone() (a fresh allocation, as the pipeline's own buffers are)."""
+    copy = []
+    for _ in range(max(3, reps)):
+        t0 = CLOCK()
+        flat.clone()
+        copy.append(CLOCK() - t0)
+    return statistics.median(copy) * 1e3
+
+
 def time_method(spec, grads, buckets, fuse, reps):
     sync = gradcomp.GradientSync(spec, seed=1, fuse=fuse, check_config=False)
     names = list(grads)
@@ -55,9 +68,9 @@ def time_method(spec, grads, buckets, fuse, reps):
     step()                                     # warm-up: state creation, caches
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         step()
-        ts.append(time.perf_counter() - t0)
+        ts.append(CLOCK() - t0)
     return statistics.median(ts) * 1e3
 
 
@@ -69,9 +82,18 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size in MiB (default 25)")
     ap.add_argument("--only", default="", help="comma list of compressor names or specs")
+    ap.add_argument("--row-copy", action="store_true",
+                    help="re-measure the copy right after each row and divide by that (steadier ratios on a loaded machine)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the process's CPU time instead of wall time (robust to other jobs on a shared "
+                         "machine; counts spinning worker threads too)")
+    ap.add_argument("--fused-only", action="store_true", help="time only fuse=True (the per-tensor columns are blank)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
     model = a.model or ("resnet18" if a.quick else "resnet50")
     reps = a.reps or (1 if a.quick else 3)
     grads = gradients(model)
@@ -79,23 +101,26 @@ def main(argv=None) -> int:
     buckets = make_buckets(named, a.bucket_mb)
     n = sum(g.numel() for g in grads.values())
     flat = torch.cat([g.reshape(-1) for g in grads.values()])
-    copy = []
-    for _ in range(max(3, reps)):
-        t0 = time.perf_counter()
-        flat.clone()
-        copy.append(time.perf_counter() - t0)
-    copy_ms = statistics.median(copy) * 1e3
+    copy_ms = copy_time(flat, reps)
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     specs = [m for m in METHODS if not only or m in only or m.split(":")[0] in only]
     print(f"# pipeline step on one rank: {model}, {n:,} fp32 entries in {len(grads)} tensors, "
           f"{len(buckets)} buckets of <= {a.bucket_mb:g} MiB; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; one flat fp32 copy = {copy_ms:.1f} ms; median of {reps}\n")
-    print("| method | per tensor ms | x copy | fused ms | x copy | fused speed-up |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"{torch.get_num_threads()} threads; one flat fp32 copy = {copy_ms:.1f} ms; median of {reps}"
+          f"{'; CPU time' if a.cpu_time else ''}\n")
+    extra = (" copy ms |", "---:|") if a.row_copy else ("", "")
+    print("| method | per tensor ms | x copy | fused ms | x copy | fused speed-up |" + extra[0])
+    print("|---|---:|---:|---:|---:|---:|" + extra[1])
     for spec in specs:
-        t = time_method(spec, grads, buckets, False, reps)
         f = time_method(spec, grads, buckets, True, reps)
-        print(f"| {spec} | {t:.1f} | {t / copy_ms:.1f} | {f:.1f} | {f / copy_ms:.1f} | {t / f:.2f}x |", flush=True)
+        if a.fused_only:
+            c = copy_time(flat, reps) if a.row_copy else copy_ms
+            print(f"| {spec} | | | {f:.1f} | {f / c:.1f} | |" + (f" {c:.1f} |" if a.row_copy else ""), flush=True)
+            continue
+        t = time_method(spec, grads, buckets, False, reps)
+        c = copy_time(flat, reps) if a.row_copy else copy_ms
+        print(f"| {spec} | {t:.1f} | {t / c:.1f} | {f:.1f} | {f / c:.1f} | {t / f:.2f}x |" +
+              (f" {c:.1f} |" if a.row_copy else ""), flush=True)
     return 0
 
 
