@@ -48,9 +48,26 @@ def hash_u32(b, key, n: int, like, offset: int = 0):
 
 
 def uniform(b, key, n: int, like, offset: int = 0):
-    """n float32 uniforms in [0, 1) with 24 random bits each."""
+    """n float32 uniforms in [0, 1) with 24 random bits each: (hash_u32 >> 8) * 2**-24. A backend may
+    provide `counter_uniform(k1, k2, n, like, offset)` computing exactly this without the int64 array."""
+    k1, k2 = key
+    fast = getattr(b, "counter_uniform", None)
+    if fast is not None and isinstance(k1, int) and isinstance(k2, int):
+        return fast(k1, k2, n, like, offset, _C1, _C2)
     u = b.cast(b.shr(hash_u32(b, key, n, like, offset), 8), "float32")
     return u * (1.0 / 16777216.0)
+
+
+def high_bits(b, key, n: int, like, drop: int):
+    """n int32 values hash_u32 >> drop (1 <= drop < 32): the stream's top 32 - drop bits. A backend may
+    provide `counter_bits(k1, k2, n, like, offset, drop)` computing exactly this without the int64 array."""
+    if not 1 <= drop < 32:
+        raise ValueError(f"drop must be in 1..31, got {drop}")
+    k1, k2 = key
+    fast = getattr(b, "counter_bits", None)
+    if fast is not None and isinstance(k1, int) and isinstance(k2, int):
+        return fast(k1, k2, n, like, 0, _C1, _C2, drop)
+    return b.cast(b.shr(hash_u32(b, key, n, like), drop), "int32")
 
 
 def rademacher(b, key, n: int, like, dtype: str = "float32"):

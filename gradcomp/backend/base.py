@@ -48,6 +48,19 @@ class Backend:
         """x itself, or a copy if x is a view into a larger buffer (so that saving x saves only x)."""
         return x
     def scale_(self, x, factor: float): return x * factor      # x *= factor where possible
+    def sub_(self, a, b): return a - b                          # a -= b where possible (a: ours)
+    def mul_(self, a, b): return a * b                          # a *= b where possible (a: ours)
+    def minimum_(self, x, c: float): return self.minimum(x, c)   # min(x, c) in place where possible
+    def signed_(self, a, x):
+        """a (>= 0, and 0 wherever x is 0) with the sign of x: -a where x < 0; may modify a in place."""
+        return self.where(x < 0, -a, a)
+    def zero_range_(self, x, start: int, stop: int):
+        """x (1-D) with x[start:stop] = 0; may modify x in place (the caller owns x)."""
+        n = self.numel(x)
+        if start >= stop:
+            return x
+        parts = [self.slice(x, 0, start), self.zeros(stop - start, self.dtype(x), x), self.slice(x, stop, n)]
+        return self.cat([p for p in parts if self.numel(p)])
     def to_bytes(self, x): raise NotImplementedError           # 1-D uint8 view/copy
     def from_bytes(self, b, dtype: str, shape): raise NotImplementedError
     def transpose(self, x): raise NotImplementedError
@@ -125,6 +138,52 @@ class Backend:
         import numpy as np
         return self.cast(self.from_numpy(np.asarray(list(lengths), dtype="int64"), like), dtype)
 
+    def segment_abs_sum(self, x, lengths):
+        """1-D array of len(lengths): sum |x| of each segment, accumulated in x's dtype (no wider)."""
+        return self.segment_sum(self.abs(x), lengths)
+
+    def segment_signed_sums(self, x, lengths):
+        """(sum of the entries < 0, sum of the entries >= 0) of each segment, two 1-D arrays in x's dtype."""
+        neg = x < 0
+        zero = self.zeros_like(x)
+        return self.segment_sum(self.where(neg, x, zero), lengths), self.segment_sum(self.where(neg, zero, x), lengths)
+
+    def segment_count(self, mask, lengths):
+        """1-D float64 array of len(lengths): the number of True entries of each segment of mask."""
+        return self.segment_sum(self.cast(mask, "float64"), lengths)
+
+    def segment_absmax(self, x, lengths):
+        """1-D array of len(lengths): max |x| of each segment (exact: no rounding)."""
+        return self.segment_amax(self.abs(x), lengths)
+
+    def segment_mul_(self, x, v, lengths):
+        """x (1-D) times v_i over its i-th segment (v: len(lengths), x's dtype); may modify x in place."""
+        if len(lengths) == 1:
+            return x * self.reshape(v, ())
+        return x * self.repeat_segments(v, lengths)
+
+    def block_norms(self, x, width: int):
+        """1-D array of ceil(n / width): the L2 norm of each consecutive block of `width` entries
+        (the last one may be shorter), accumulated in x's dtype."""
+        n = self.numel(x)
+        nb = -(-n // width)
+        sq = self.reshape(self.pad_to(x * x, nb * width), (nb, width))
+        return self.sqrt(self.rowsum(sq))
+
+    def block_mul_(self, x, f, width: int):
+        """x (1-D) times f_j over its j-th block of `width` entries; may modify x in place."""
+        n = self.numel(x)
+        nb = self.numel(f)
+        if nb == 1:
+            return x * self.reshape(f, ())
+        yb = self.reshape(self.pad_to(x, nb * width), (nb, width)) * self.reshape(f, (nb, 1))
+        return self.slice(self.reshape(yb, (-1,)), 0, n)
+
+    def stochastic_round_(self, y, u):
+        """floor(y) + [u < y - floor(y)] in y's dtype (u: uniforms in [0, 1)); may overwrite y."""
+        fl = self.floor(y)
+        return fl + self.cast(u < (y - fl), self.dtype(y))
+
     def repeat_segments(self, v, lengths):
         """v (len(lengths),) -> 1-D array of sum(lengths): v_i repeated lengths[i] times."""
         parts = [self.zeros(int(n), self.dtype(v), v) + self.slice(v, i, i + 1) for i, n in enumerate(lengths)]
@@ -159,6 +218,17 @@ class Backend:
     def unpack_pm1(self, packed, n: int, dtype: str):
         """Bits (as packbits wrote them) -> n values in dtype: +1 for a 0 bit, -1 for a 1 bit."""
         return 1 - 2 * self.cast(self.unpackbits(packed, n), dtype)
+
+    def unpack_01(self, packed, n: int, dtype: str):
+        """Bits (as packbits wrote them) -> n values in dtype: 0 for a 0 bit, 1 for a 1 bit."""
+        return self.cast(self.unpackbits(packed, n), dtype)
+
+    def unpack_select(self, packed, n: int, if0, if1, lengths):
+        """Bits -> n values: if0[i] where the bit is 0, if1[i] where it is 1, over segment i (if0, if1:
+        1-D of len(lengths), the result's dtype). Exact: every output is one of the two values."""
+        one = self.unpack_01(packed, n, self.dtype(if0))
+        a = self.segment_mul_(1 - one, if0, lengths)
+        return a + self.segment_mul_(one, if1, lengths)      # one term is exactly 0: no rounding
 
     def rowsum(self, x): raise NotImplementedError
     def shr_t(self, a, s): raise NotImplementedError             # shift by a tensor of shifts

@@ -57,6 +57,25 @@ class NumpyBackend(Backend):
             np.multiply(x, x.dtype.type(factor), out=x)
             return x
         return x * factor
+    def sub_(self, a, b):
+        if isinstance(a, np.ndarray) and a.flags.writeable and np.result_type(a, b) == a.dtype:
+            np.subtract(a, b, out=a)
+            return a
+        return a - b
+    def mul_(self, a, b):
+        if isinstance(a, np.ndarray) and a.flags.writeable and np.result_type(a, b) == a.dtype:
+            np.multiply(a, b, out=a)
+            return a
+        return a * b
+    def minimum_(self, x, c):
+        if isinstance(x, np.ndarray) and x.flags.writeable:
+            return np.minimum(x, x.dtype.type(c), out=x)
+        return np.minimum(x, c)
+    def zero_range_(self, x, start, stop):
+        if isinstance(x, np.ndarray) and x.flags.writeable:
+            x[start:stop] = 0
+            return x
+        return super().zero_range_(x, start, stop)
     def compact(self, x): return x.copy() if isinstance(x, np.ndarray) and x.base is not None else x
     def to_bytes(self, x): return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
     def from_bytes(self, b, dtype, shape): return np.ascontiguousarray(b).view(np_dtype(dtype)).reshape(shape)

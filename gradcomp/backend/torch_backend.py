@@ -64,6 +64,14 @@ class TorchBackend(Backend):
         return torch.is_tensor(a) and torch.is_tensor(b) and a.device == b.device and \
             a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     def scale_(self, x, factor): return x.mul_(factor)
+    def sub_(self, a, b): return a.sub_(b)
+    def mul_(self, a, b): return a.mul_(b)
+    def minimum_(self, x, c): return x.clamp_(max=c)
+    def signed_(self, a, x): return torch.copysign(a, x, out=a)
+    def zero_range_(self, x, start, stop):
+        if start < stop:
+            x[start:stop] = 0
+        return x
     def compact(self, x):
         return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x
     def to_bytes(self, x): return x.contiguous().reshape(-1).view(torch.uint8)
@@ -122,10 +130,29 @@ class TorchBackend(Backend):
     def counter_hash(self, k1, k2, n, like, offset, c1, c2):
         """gradcomp.rng.hash_u32's stream, bit for bit, computed in place chunk by chunk (the
         generic version allocates a full int64 array per operation: ~10x slower on CPU)."""
+        out = torch.empty(n, dtype=torch.int64, device=like.device)
+        self._counter(k1, k2, n, like, offset, c1, c2, out, None)
+        return out
+
+    def counter_bits(self, k1, k2, n, like, offset, c1, c2, drop):
+        """hash_u32's stream >> drop (drop >= 1) as int32, without a full-size int64 array."""
+        out = torch.empty(n, dtype=torch.int32, device=like.device)
+        self._counter(k1, k2, n, like, offset, c1, c2, out,
+                      lambda o, x: o.copy_(torch.bitwise_right_shift(x, drop, out=x)))
+        return out
+
+    def counter_uniform(self, k1, k2, n, like, offset, c1, c2):
+        """gradcomp.rng.uniform's float32 values, bit for bit, without a full-size int64 array."""
+        out = torch.empty(n, dtype=torch.float32, device=like.device)
+        self._counter(k1, k2, n, like, offset, c1, c2, out,
+                      lambda o, x: o.copy_(torch.bitwise_right_shift(x, 8, out=x)))
+        return out.mul_(1.0 / 16777216.0)               # 24-bit integers times 2**-24: exact
+
+    def _counter(self, k1, k2, n, like, offset, c1, c2, out, emit):
         dev = like.device
-        out = torch.empty(n, dtype=torch.int64, device=dev)
         step = _HCHUNK if dev.type == "cpu" else max(n, 1)
         tmp = torch.empty(min(step, n), dtype=torch.int64, device=dev)
+        buf = None if emit is None else torch.empty(min(step, n), dtype=torch.int64, device=dev)
         m32 = 0xFFFFFFFF
 
         def mix(x, t):
@@ -137,12 +164,13 @@ class TorchBackend(Backend):
 
         for s in range(0, n, step):
             e = min(n, s + step)
-            x, t = out[s:e], tmp[:e - s]
+            x, t = (out[s:e] if buf is None else buf[:e - s]), tmp[:e - s]
             torch.arange(s + offset + k1, e + offset + k1, out=x).bitwise_and_(m32)
             mix(x, t)
             x.bitwise_xor_(k2).bitwise_and_(m32)
             mix(x, t)
-        return out
+            if emit is not None:
+                emit(out[s:e], x)
 
     def packbits(self, bits):
         # 8 bits as the 8 bytes of one int64, gathered into the top byte by one multiplication:
@@ -165,6 +193,28 @@ class TorchBackend(Backend):
             table = _UNPACK[dev] = torch.bitwise_and(
                 torch.bitwise_right_shift(v, torch.arange(7, -1, -1, dtype=torch.int32, device=dev)), 1)
         return table.index_select(0, packed.reshape(-1).to(torch.int64)).view(-1)[:n]
+
+    def unpack_01(self, packed, n, dtype):
+        key = (packed.device, dtype, "01")
+        table = _UNPACK.get(key)
+        if table is None:
+            bits = self.unpackbits(torch.arange(256, dtype=torch.uint8, device=packed.device), 2048)
+            table = _UNPACK[key] = bits.reshape(256, 8).to(_DT[dtype])
+        return table.index_select(0, packed.reshape(-1).to(torch.int64)).view(-1)[:n]
+
+    def unpack_select(self, packed, n, if0, if1, lengths):
+        bits = self.unpack_01(packed, n, "bool")
+        if len(lengths) == 1:
+            return torch.where(bits, if1.reshape(()), if0.reshape(()))
+        if x_is_cuda(bits):
+            rep = lambda v: torch.repeat_interleave(v, self._lengths(lengths, v.device), output_size=n)  # noqa: E731
+            return torch.where(bits, rep(if1), rep(if0))
+        out = torch.empty(n, dtype=if0.dtype)             # CPU: one select per segment into one buffer
+        o = 0
+        for i, m in enumerate(lengths):
+            torch.where(bits[o:o + m], if1[i], if0[i], out=out[o:o + m])
+            o += m
+        return out
 
     def unpack_pm1(self, packed, n, dtype):
         # one gather from a 256 x 8 table of +-1 rows, directly in the wanted dtype
@@ -238,6 +288,78 @@ class TorchBackend(Backend):
         g = torch.Generator(device=like.device)
         g.manual_seed((int(key[0]) << 31) | int(key[1]))
         return torch.rand(n, generator=g, dtype=torch.float32, device=like.device)
+    def _per_segment(self, x, lengths, fn):
+        # CPU: one reduction per segment over views of x: a single read pass, no temporary as
+        # large as x (a one-kernel segmented reduction needs |x| etc. materialized first)
+        out, o = [], 0
+        for m in lengths:
+            out.append(fn(x[o:o + m]))
+            o += m
+        return torch.stack(out)
+    def segment_abs_sum(self, x, lengths):
+        if len(lengths) == 1:
+            return torch.linalg.vector_norm(x, 1).reshape(1)
+        if x_is_cuda(x):
+            return torch.segment_reduce(x.abs(), "sum", lengths=self._lengths(lengths, x.device))
+        return self._per_segment(x, lengths, lambda v: torch.linalg.vector_norm(v, 1))
+    def segment_signed_sums(self, x, lengths):
+        if x_is_cuda(x) and len(lengths) > 1:
+            return super().segment_signed_sums(x, lengths)
+        lengths = lengths if len(lengths) > 1 else (x.numel(),)
+        neg = self._per_segment(x, lengths, lambda v: v.clamp(max=0).sum())
+        pos = self._per_segment(x, lengths, lambda v: v.clamp(min=0).sum())
+        return neg, pos
+    def segment_count(self, mask, lengths):
+        if len(lengths) == 1:
+            return torch.count_nonzero(mask).reshape(1).to(torch.float64)
+        if x_is_cuda(mask):
+            return torch.segment_reduce(mask.to(torch.float64), "sum", lengths=self._lengths(lengths, mask.device))
+        return self._per_segment(mask, lengths, torch.count_nonzero).to(torch.float64)
+    def segment_absmax(self, x, lengths):
+        def absmax(v):
+            if not v.numel():
+                return torch.zeros((), dtype=v.dtype, device=v.device)
+            lo, hi = torch.aminmax(v)
+            return torch.maximum(hi, -lo)
+        if len(lengths) == 1:
+            return absmax(x).reshape(1)
+        if x_is_cuda(x):
+            return torch.segment_reduce(x.abs(), "max", lengths=self._lengths(lengths, x.device))
+        return self._per_segment(x, lengths, absmax)
+    def segment_mul_(self, x, v, lengths):
+        if len(lengths) == 1:
+            return x.mul_(v.reshape(()))
+        if x_is_cuda(x):
+            return x.mul_(torch.repeat_interleave(v, self._lengths(lengths, v.device), output_size=x.numel()))
+        o = 0
+        for i, m in enumerate(lengths):                   # CPU: in place, one pass over x
+            x[o:o + m].mul_(v[i])
+            o += m
+        return x
+    def block_norms(self, x, width):
+        n = x.numel()
+        full = n // width
+        parts = []
+        if full:
+            parts.append(torch.linalg.vector_norm(x[:full * width].view(full, width), 2, dim=1))
+        if n > full * width:
+            parts.append(torch.linalg.vector_norm(x[full * width:], 2).reshape(1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def block_mul_(self, x, f, width):
+        n = x.numel()
+        full = n // width
+        if f.numel() == 1:
+            return x.mul_(f.reshape(()))
+        if full:
+            x[:full * width].view(full, width).mul_(f[:full].reshape(full, 1))
+        if n > full * width:
+            x[full * width:].mul_(f[full])
+        return x
+    def stochastic_round_(self, y, u):
+        fl = torch.floor(y)
+        frac = y.sub_(fl)                                 # y is ours: frac(y) in place
+        return fl.add_(torch.lt(u, frac))
+
     def segment_sum(self, x, lengths):
         if len(lengths) == 1:
             return x.sum().reshape(1)

@@ -10,7 +10,7 @@ payloads are averaged. Default memory: residual. Wire: 4 + ceil(n/8) bytes (~32x
 bucket of T tensors sends the T per-tensor scales and the bucket's sign bits (4T + ceil(n/8)).
 """
 from gradcomp.compressors.base import Compressor
-from gradcomp.compressors.signs import compute_dtype, pack_signs, scalar_to_wire, segmented, spread, unpack_signs
+from gradcomp.compressors.signs import compute_dtype, mean_abs_scales, pack_signs, segs, unpack_signs
 
 
 class EFSignSGDCompressor(Compressor):
@@ -22,18 +22,12 @@ class EFSignSGDCompressor(Compressor):
     params = {}
 
     def compress(self, x, state, ctx):
-        b = ctx.backend
-        if segmented(ctx):                           # fused bucket: one scale per tensor
-            seg = ctx.segments
-            sums = b.segment_sum(b.abs(b.cast(x, "float64")), seg)
-            scale = b.cast(sums / b.lengths_array(seg, x, "float64"), "float32")
-            return [scale, pack_signs(b, x)], None
-        scale = b.mean_abs(b.cast(x, "float64"))    # float64 so every backend rounds to the same float32
-        return [scalar_to_wire(b, scale), pack_signs(b, x)], None
+        b = ctx.backend                              # fused bucket: one scale per tensor
+        return [mean_abs_scales(b, x, ctx), pack_signs(b, x)], None
 
     def decompress(self, payload, info, ctx):
         b, dt = ctx.backend, compute_dtype(ctx)
-        return unpack_signs(b, payload[1], ctx.numel, dt) * spread(b, b.cast(payload[0], dt), ctx)
+        return b.segment_mul_(unpack_signs(b, payload[1], ctx.numel, dt), b.cast(payload[0], dt), segs(ctx))
 
     def ratio_of(self, numel):
         return 4 * numel / (4 + (numel + 7) // 8)

@@ -34,17 +34,17 @@ class NaturalCompressor(Compressor):
     def compress(self, x, state, ctx):
         b = ctx.backend
         x32 = b.cast(x, "float32")
-        bits = b.band(b.cast(b.from_bytes(b.to_bytes(x32), "int32", (-1,)), "int64"), 0xFFFFFFFF)
+        bits = b.from_bytes(b.to_bytes(x32), "int32", (-1,))      # the float32 bit patterns, int32 ops only
         field = b.band(b.shr(bits, 23), 0xFF)
         mant = b.band(bits, 0x7FFFFF)
-        r = b.shr(rng.hash_u32(b, ctx.key(f"natural/{ctx.rank}"), ctx.numel, x), 9)
-        code = b.minimum(field + b.cast(r < mant, "int64"), 254)
-        return [b.cast(code, "uint8"), b.packbits(b.shr(bits, 31))], None
+        r = rng.high_bits(b, ctx.key(f"natural/{ctx.rank}"), ctx.numel, x, 9)     # 23 random bits
+        code = b.minimum_(field + b.cast(r < mant, "int32"), 254)
+        return [b.cast(code, "uint8"), b.packbits(bits < 0)], None
 
     def decompress(self, payload, info, ctx):
         b = ctx.backend
         mag = b.from_bytes(b.to_bytes(b.shl(b.cast(payload[0], "int32"), 23)), "float32", (-1,))
-        out = mag * unpack_signs(b, payload[1], ctx.numel, "float32")
+        out = b.mul_(mag, unpack_signs(b, payload[1], ctx.numel, "float32"))
         return b.cast(out, compute_dtype(ctx))
 
     def ratio_of(self, numel):

@@ -15,7 +15,7 @@ A fused bucket of T tensors keeps the per-tensor means (segmented sums): [a+ of 
 a- of each tensor] and the bucket's sign bits, 8T + ceil(n/8) bytes.
 """
 from gradcomp.compressors.base import Compressor
-from gradcomp.compressors.signs import compute_dtype, neg_bits, segmented, spread
+from gradcomp.compressors.signs import compute_dtype, neg_bits, segmented, segs
 
 
 class OneBitCompressor(Compressor):
@@ -28,19 +28,11 @@ class OneBitCompressor(Compressor):
     params = {}
 
     def compress(self, x, state, ctx):
-        b = ctx.backend
+        b, seg = ctx.backend, segs(ctx)
         neg = neg_bits(x)
-        x64 = b.cast(x, "float64")                    # float64 sums: the same float32 on every backend
-        zero = b.zeros_like(x64)                      # masked entries are +0.0 (x * 0 could give -0.0)
-        if segmented(ctx):
-            seg = ctx.segments
-            total = lambda v: b.segment_sum(v, seg)   # noqa: E731
-            count = b.lengths_array(seg, x, "float64")
-        else:
-            total, count = b.sum, float(ctx.numel)
-        n_neg = total(b.cast(neg, "float64"))
-        s_neg = total(b.where(neg, x64, zero))
-        s_pos = total(b.where(neg, zero, x64))
+        n_neg = b.segment_count(neg, seg)                       # float64
+        count = b.lengths_array(seg, x, "float64") if segmented(ctx) else float(ctx.numel)
+        s_neg, s_pos = (b.cast(v, "float64") for v in b.segment_signed_sums(x, seg))
         a_pos = s_pos / b.maximum(count - n_neg, 1.0)
         a_neg = s_neg / b.maximum(n_neg, 1.0)
         scales = b.cast(b.cat([b.reshape(a_pos, (-1,)), b.reshape(a_neg, (-1,))]), "float32")
@@ -50,9 +42,7 @@ class OneBitCompressor(Compressor):
         b, dt = ctx.backend, compute_dtype(ctx)
         sc = b.cast(payload[0], dt)
         t = b.numel(sc) // 2
-        a_pos, a_neg = spread(b, b.slice(sc, 0, t), ctx), spread(b, b.slice(sc, t, 2 * t), ctx)
-        negf = b.cast(b.unpackbits(payload[1], ctx.numel), dt)
-        return (1 - negf) * a_pos + negf * a_neg      # one term is exactly 0: no rounding
+        return b.unpack_select(payload[1], ctx.numel, b.slice(sc, 0, t), b.slice(sc, t, 2 * t), segs(ctx))
 
     def ratio_of(self, numel):
         return 4 * numel / (8 + (numel + 7) // 8)

@@ -10,8 +10,8 @@ For a bucket x of d entries (the whole tensor when bucket=0) and u_i ~ U[0, 1) p
 
 Payload: [bucket norms as float32, signed levels]. Levels travel as int8 when they need 8 bits
 (s >= 64) and otherwise, tighter, as ceil(log2(2s+1)) packed bit planes of (level + s): s=1 is
-2 bits per entry, s=7 is 4 bits. The norm is computed in float64 and rounded to float32 once,
-and the decoder uses the same float32 norm, so every backend produces the same bytes. The
+2 bits per entry, s=7 is 4 bits. The norms are accumulated in the gradient's precision (float32:
+backends may differ in a norm's last bit) and the decoder uses the same float32 norms. The
 randomness is private to each rank (key "qsgd/<rank>"), reproducible per (seed, step, name);
 rng=native draws it with the framework's own seeded generator (one kernel) instead of the
 counter-based stream: still reproducible per key on one backend, but not bit-identical across them.
@@ -21,8 +21,7 @@ keeps the payload minimal but its variance grows like sqrt(n)/s. Not summable (p
 the paper: default memory none.
 """
 from gradcomp.compressors.base import Compressor
-from gradcomp.compressors.signs import (RNG_PARAM, compute_dtype, neg_bits, pack_uint, private_uniform,
-                                        stochastic_round, unpack_uint)
+from gradcomp.compressors.signs import RNG_PARAM, compute_dtype, pack_uint, private_uniform, unpack_uint
 from gradcomp.params import Param
 
 
@@ -51,35 +50,23 @@ class QSGDCompressor(Compressor):
     def _buckets(self, n):
         return 1 if self.bucket <= 0 or self.bucket >= n else -(-n // self.bucket)
 
-    def _per_bucket(self, b, y, f, nb, n):
-        """y (n,) times f (nb,) broadcast over each bucket of `self.bucket` entries."""
-        if nb == 1:
-            return y * b.reshape(f, ())
-        m = nb * self.bucket
-        yb = b.reshape(b.pad_to(y, m), (nb, self.bucket)) * b.reshape(f, (nb, 1))
-        return b.slice(b.reshape(yb, (-1,)), 0, n)
+    def _width(self, nb, n):
+        return self.bucket if nb > 1 else max(n, 1)
 
     def compress(self, x, state, ctx):
         b, n, s, dt = ctx.backend, ctx.numel, self.levels, compute_dtype(ctx)
         nb = self._buckets(n)
-        x64 = b.cast(x, "float64")
-        if nb == 1:
-            norm64 = b.reshape(b.norm(x64), (1,))
-        else:
-            sq = b.reshape(b.pad_to(x64 * x64, nb * self.bucket), (nb, self.bucket))
-            norm64 = b.sqrt(b.rowsum(sq))
-        norms = b.cast(norm64, "float32")                        # what goes on the wire
+        w = self._width(nb, n)
+        norms = b.cast(b.block_norms(x, w), "float32")          # what goes on the wire
         nw = b.cast(norms, "float64")
         f = b.cast(s / b.where(nw > 0, nw, b.zeros_like(nw) + 1), dt)     # s / ||x||, one rounding on every backend
-        lv = b.minimum(stochastic_round(b, self._per_bucket(b, b.abs(x), f, nb, n),
-                                        private_uniform(ctx, "qsgd", n, x, dt, self.rng == "native")),
-                       float(s))
-        lv = b.cast(lv, "int32")
-        neg = b.cast(neg_bits(x), "int32")
+        y = b.block_mul_(b.abs(x), f, w)                         # |x| s / ||x||, in place on the fresh |x|
+        lv = b.stochastic_round_(y, private_uniform(ctx, "qsgd", n, x, dt, self.rng == "native"))
+        lv = b.signed_(b.minimum_(lv, float(s)), x)              # signed levels in -s..s (as floats)
         if self.bits == 8:
-            levels = b.cast(lv * (1 - 2 * neg), "int8")
+            levels = b.cast(lv, "int8")
         else:
-            levels = pack_uint(b, lv * (1 - 2 * neg) + s, self.bits)
+            levels = pack_uint(b, b.cast(lv, "int32") + s, self.bits)
         return [norms, levels], None
 
     def decompress(self, payload, info, ctx):
@@ -90,7 +77,7 @@ class QSGDCompressor(Compressor):
         else:
             lv = b.cast(unpack_uint(b, levels, n, self.bits) - s, dt)
         g = b.cast(b.cast(norms, "float64") * (1.0 / s), dt)     # ||x|| / s
-        return self._per_bucket(b, lv, g, b.numel(norms), n)
+        return b.block_mul_(lv, g, self._width(b.numel(norms), n))
 
     def ratio_of(self, numel):
         return 4 * numel / (4 * self._buckets(numel) + (numel if self.bits == 8 else self.bits * ((numel + 7) // 8)))

@@ -33,6 +33,20 @@ def segmented(ctx) -> bool:
     return ctx.segments is not None and len(ctx.segments) > 1
 
 
+def segs(ctx) -> tuple:
+    """The segment lengths of ctx: the fused bucket's members, or the one tensor."""
+    return ctx.segments if segmented(ctx) else (ctx.numel,)
+
+
+def mean_abs_scales(b, y, ctx):
+    """float32 (len(segs),): mean |y| of each segment (accumulated in y's precision: no float64 pass,
+    so backends may differ in the last bit of a scale)."""
+    sums = b.cast(b.segment_abs_sum(y, segs(ctx)), "float64")
+    if not segmented(ctx):
+        return b.cast(sums * (1.0 / ctx.numel), "float32")
+    return b.cast(sums / b.lengths_array(ctx.segments, y, "float64"), "float32")
+
+
 def spread(b, v, ctx):
     """Per-tensor values v (one per segment) broadcast over the entries: v as a 0-d array for a
     single tensor, else each v_i repeated over its segment."""
@@ -165,18 +179,16 @@ class SignVoteCompressor(Compressor):
         bits = pack_signs(b, y)
         if self._fixed is not None:
             return [bits], info
-        if segmented(ctx):
-            sums = b.segment_sum(b.abs(b.cast(y, "float64")), ctx.segments)
-            return [b.cast(sums / b.lengths_array(ctx.segments, y, "float64"), "float32"), bits], info
-        return [scalar_to_wire(b, b.mean_abs(b.cast(y, "float64"))), bits], info
+        return [mean_abs_scales(b, y, ctx), bits], info
 
     def _scaled(self, b, out, scales, dt, ctx):
+        """out (a fresh +-1 / vote array, ours) times the scale, in place where the backend can."""
         if self._fixed is not None:
-            return out * self._fixed if self._fixed != 1.0 else out
+            return b.scale_(out, self._fixed) if self._fixed != 1.0 else out
         total = b.cast(scales[0], dt)
         for p in scales[1:]:
             total = total + b.cast(p, dt)
-        return out * spread(b, total * (1.0 / len(scales)), ctx)
+        return b.segment_mul_(out, total * (1.0 / len(scales)), segs(ctx))
 
     def decompress(self, payload, info, ctx):
         b, dt = ctx.backend, compute_dtype(ctx)

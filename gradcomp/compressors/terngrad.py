@@ -16,8 +16,8 @@ framework's own seeded generator (one kernel) instead of the counter-based strea
 per (seed, step, name, rank) on one backend, not bit-identical across backends.
 """
 from gradcomp.compressors.base import Compressor
-from gradcomp.compressors.signs import (RNG_PARAM, compute_dtype, neg_bits, private_uniform, scalar_to_wire,
-                                        segmented, spread, unpack_signs)
+from gradcomp.compressors.signs import (RNG_PARAM, compute_dtype, neg_bits, private_uniform, segmented, segs,
+                                        spread, unpack_signs)
 from gradcomp.params import Param
 
 
@@ -45,18 +45,17 @@ class TernGradCompressor(Compressor):
                 var = b.sum((x64 - mean) * (x64 - mean)) * (1.0 / ctx.numel)
                 c = b.cast(b.sqrt(var) * self.clip, dt)
             x = b.minimum(b.maximum(x, -c), c)
-        ax = b.abs(x)
-        s32 = b.cast(b.segment_amax(ax, ctx.segments), "float32") if seg else scalar_to_wire(b, b.amax(ax))
+        s32 = b.cast(b.segment_absmax(x, segs(ctx)), "float32")     # exact: max |x| of each tensor
         s64 = b.cast(s32, "float64")
         inv = b.cast(1.0 / b.where(s64 > 0, s64, b.zeros_like(s64) + 1), dt)   # one rounding on every backend
-        p = ax * spread(b, inv, ctx)
+        p = b.segment_mul_(b.abs(x), inv, segs(ctx))               # |x| / s, in place on the fresh |x|
         keep = private_uniform(ctx, "terngrad", ctx.numel, x, dt, self.rng == "native") < p
         return [s32, b.packbits(keep), b.packbits(neg_bits(x))], None
 
     def decompress(self, payload, info, ctx):
         b, dt, n = ctx.backend, compute_dtype(ctx), ctx.numel
-        keep = b.cast(b.unpackbits(payload[1], n), dt)
-        return keep * unpack_signs(b, payload[2], n, dt) * spread(b, b.cast(payload[0], dt), ctx)
+        out = b.mul_(b.unpack_01(payload[1], n, dt), unpack_signs(b, payload[2], n, dt))
+        return b.segment_mul_(out, b.cast(payload[0], dt), segs(ctx))
 
     def ratio_of(self, numel):
         return 4 * numel / (4 + 2 * ((numel + 7) // 8))
