@@ -144,6 +144,23 @@ def test_half_precision_sum_ops_round_correctly():
         acc = y.copy()
         m._OWN_SUMS[np.dtype(dt).name](x, acc, None)
         assert np.array_equal(acc, x + y), (dt, acc)
+    # large arrays go through torch's add when torch is imported: the same bits as the numpy paths,
+    # on every finite or infinite input (random bit patterns: subnormals, overflow, signed zeros)
+    bits = [rng.integers(0, 1 << 16, 3 * m._TORCH_SUM_MIN, dtype=np.uint16) for _ in range(2)]
+    for name, fn in (("float16", m._sum_f16), ("bfloat16", m._sum_bf16)):
+        x, y = bits[0].copy(), bits[1].copy()
+        if name == "float16":
+            keep = ~(np.isnan(x.view(np.float16)) | np.isnan(y.view(np.float16)))
+            with np.errstate(all="ignore"):
+                ref = np.add(x.view(np.float16), y.view(np.float16)).view(np.uint16)
+        else:
+            keep = ~(np.isnan(m.bf16_to_f32(x)) | np.isnan(m.bf16_to_f32(y)))
+            with np.errstate(all="ignore"):
+                ref = m.f32_to_bf16(m.bf16_to_f32(x) + m.bf16_to_f32(y))
+        x, y, ref = x[keep], y[keep], ref[keep]
+        assert x.size >= m._TORCH_SUM_MIN and m._torch_add(np.zeros(x.size, np.uint16), np.zeros(x.size, np.uint16), name)
+        fn(x, y, None)
+        assert np.array_equal(y, ref), name
     special = np.array([np.nan, np.inf, -np.inf, 3.0e38, -0.0], np.float32)
     back = m.bf16_to_f32(m.f32_to_bf16(special))
     assert np.isnan(back[0]) and np.array_equal(back[1:], torch.from_numpy(special[1:]).bfloat16().float().numpy())
