@@ -111,6 +111,65 @@ def test_bit_ops_and_packing_agree(fw):
         np.testing.assert_array_equal(to_np(getattr(fw, op)(x, *args)), getattr(NP, op)(a, *args), err_msg=op)
 
 
+@pytest.mark.parametrize("lengths", [(777,), (1, 300, 5, 471)])
+def test_segment_block_and_in_place_ops_agree(fw, lengths):
+    """The fused-bucket kernels (per-segment and per-block reductions and scalings, in-place ops) on
+    each backend against numpy's reference (the protocol's generic code)."""
+    rng_ = np.random.default_rng(3)
+    g = rng_.standard_normal(777).astype(np.float32)
+    g[::40] = 0
+    g[5] = -0.0
+    x = _put(fw.name, g)
+    v = (rng_.random(len(lengths)) + 0.5).astype(np.float32)
+    close = dict(rtol=2e-6, atol=0)
+    np.testing.assert_allclose(to_np(fw.segment_abs_sum(x, lengths)), NP.segment_abs_sum(g, lengths), **close)
+    for a, r in zip(fw.segment_signed_sums(x, lengths), NP.segment_signed_sums(g, lengths)):
+        np.testing.assert_allclose(to_np(a), r, **close)
+    neg = g < 0
+    assert to_np(fw.segment_count(_put(fw.name, neg), lengths)).tolist() == NP.segment_count(neg, lengths).tolist()
+    np.testing.assert_array_equal(to_np(fw.segment_absmax(x, lengths)), NP.segment_absmax(g, lengths))
+    np.testing.assert_array_equal(to_np(fw.segment_mul_(fw.copy(x), _put(fw.name, v), lengths)),
+                                  NP.segment_mul_(g.copy(), v, lengths))
+    for width in (777, 64, 100):
+        nb = -(-777 // width)
+        np.testing.assert_allclose(to_np(fw.block_norms(x, width)), NP.block_norms(g, width), **close)
+        f = (rng_.random(nb) + 0.5).astype(np.float32)
+        np.testing.assert_array_equal(to_np(fw.block_mul_(fw.copy(x), _put(fw.name, f), width)),
+                                      NP.block_mul_(g.copy(), f, width))
+    y = np.abs(g) * 3.7
+    u = rng_.random(777).astype(np.float32)
+    np.testing.assert_array_equal(to_np(fw.stochastic_round_(_put(fw.name, y.copy()), _put(fw.name, u))),
+                                  NP.stochastic_round_(y.copy(), u))
+    lv = np.floor(np.abs(g) * 2)
+    np.testing.assert_array_equal(to_np(fw.signed_(_put(fw.name, lv.copy()), x)), NP.signed_(lv.copy(), g))
+    np.testing.assert_array_equal(to_np(fw.minimum_(fw.copy(x), 0.5)), np.minimum(g, 0.5))
+    np.testing.assert_array_equal(to_np(fw.sub_(fw.copy(x), fw.abs(x))), g - np.abs(g))
+    np.testing.assert_array_equal(to_np(fw.mul_(fw.copy(x), fw.abs(x))), g * np.abs(g))
+    for lo, hi in ((0, 0), (3, 90), (700, 777)):
+        want = g.copy()
+        want[lo:hi] = 0
+        np.testing.assert_array_equal(to_np(fw.zero_range_(fw.copy(x), lo, hi)), want)
+    packed = NP.packbits(neg)
+    np.testing.assert_array_equal(to_np(fw.unpack_01(_put(fw.name, packed), 777, "float32")), neg.astype(np.float32))
+    if0, if1 = v, -v * 2
+    sel = to_np(fw.unpack_select(_put(fw.name, packed), 777, _put(fw.name, if0), _put(fw.name, if1), lengths))
+    np.testing.assert_array_equal(sel, NP.unpack_select(packed, 777, if0, if1, lengths))
+    np.testing.assert_array_equal(sel, np.where(neg, np.repeat(if1, lengths), np.repeat(if0, lengths)))
+
+
+@pytest.mark.parametrize("n", [1, 5, 40000, 100003])
+def test_chunked_counter_streams_are_the_reference_stream(fw, n):
+    """uniform() and high_bits() through a backend's chunked fast path: the generic stream bit for bit."""
+    key = rng.derive_key(7, 5, "bucket/3/abc", "qsgd/1")
+    like_np, like = np.zeros(1, np.float32), _put(fw.name, np.zeros(1, np.float32))
+    ref = NP.cast(NP.shr(rng.hash_u32(NP, key, n, like_np), 8), "float32") * np.float32(2.0 ** -24)
+    np.testing.assert_array_equal(to_np(rng.uniform(fw, key, n, like)), ref)
+    for drop in (1, 9, 31):
+        got = to_np(rng.high_bits(fw, key, n, like, drop))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, (rng.hash_u32(NP, key, n, like_np) >> drop).astype(np.int32))
+
+
 def test_linear_algebra_agrees(fw):
     m = np.random.default_rng(2).standard_normal((40, 4)).astype(np.float32)
     x = _put(fw.name, m)

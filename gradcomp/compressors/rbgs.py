@@ -45,6 +45,10 @@ class RBGSCompressor(Compressor):
             vals = b.copy(b.slice(x, o, o + k))     # a copy: collectives may work in place
         else:
             vals = b.cat([b.slice(x, o, n), b.slice(x, 0, o + k - n)])
+        if not self.unbiased:                       # decompress(own payload) = x on the block, 0 elsewhere
+            ar = b.arange(k, x, "int64")
+            ctx.memo["own_idx"] = (x, ar + o if o + k <= n else b.cat([b.slice(ar, 0, n - o) + o,
+                                                                       b.slice(ar, n - o, k) - (n - o)]))
         return [vals], (o, k)
 
     def decompress(self, payload, info, ctx):

@@ -4,8 +4,9 @@
     e_{t+1} = x_t - D(C(x_t))                (update; D(C(.)) is this rank's own decoded payload)
 
 For a sparsifier whose decoded payload is x_t at the sent indices I and zero elsewhere (topk,
-randomk, dgc, threshold: Compressor.sent_indices), e_{t+1} is x_t with I set to zero, computed
-in place on x_t (compensate's fresh array) with no decode: the same numbers.
+randomk, rbgs, dgc, threshold: Compressor.sent_indices), e_{t+1} is x_t with I set to zero, computed
+in place on x_t (compensate's fresh array) with no decode: the same numbers. Otherwise the decode
+is subtracted from x_t in place (unless the average or the decode is x_t itself).
 
 With beta = gamma = 1 (the default) the invariant sum_t D(C(x_t)) + e_{T+1} = sum_t g_t holds
 exactly: nothing the compressor drops is ever lost, only delayed.
@@ -39,4 +40,7 @@ class ResidualMemory(Memory):
                 raise RuntimeError("residual memory: update() needs this rank's decoded payload (local) or "
                                    "ctx.memo['own_decode_idx']; call it through GradientSync")
             return {"residual": ctx.backend.zero_at(x, idx)}
-        return {"residual": x - local}
+        b = ctx.backend
+        if b.shares_memory(x, local) or b.shares_memory(x, aggregated):   # a lossless payload may be x itself
+            return {"residual": x - local}
+        return {"residual": b.sub_(x, local)}       # in place on compensate's fresh array
