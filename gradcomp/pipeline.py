@@ -166,12 +166,14 @@ class GradientSync:
         if not (scale > 0 and scale != float("inf")):
             raise ValueError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
         admitted = [self._admit(name, g, donate, scale, weight) for name, g in named_grads.items()]
+        bad = None
+        if self.check_finite and admitted:  # before compressing: the memory may overwrite a private g
+            bad = admitted[0].ctx.backend.count_nonfinite_all([e.g for e in admitted])
         entries = [self._fuse(grp) if len(grp) > 1 else self._compress(grp[0], donate)
                    for grp in fusion.groups(self, admitted)]
         bucket = _Bucket(entries, names=[e.name for e in admitted])
         if (self.check_finite or absent is not None) and entries:
             b = entries[0].ctx.backend
-            bad = b.count_nonfinite_all([e.g for e in entries])
             flag = b.reshape(b.cast(bad, "float32"), (1,)) if self.check_finite else \
                 b.from_numpy(np.zeros(1, np.float32), entries[0].g)
             if absent is not None:
@@ -237,8 +239,8 @@ class GradientSync:
         if not e.numel_ok:
             return e
         self._init_state(e)
-        return self._encode(e, self._mem[e.name], self._cst[e.name],
-                            donate or not e.ctx.backend.shares_memory(e.g, e.orig))
+        copy = not e.ctx.backend.shares_memory(e.g, e.orig)
+        return self._encode(e, self._mem[e.name], self._cst[e.name], donate or copy, copy)
 
     def _fuse(self, members):
         """Compensate and compress a group of tensors as one flat buffer (gradcomp/fusion.py)."""
@@ -246,11 +248,14 @@ class GradientSync:
             self._init_state(m)
         e = fusion.fused_entry(self, members)
         mem, cst = self._fused.flat_states(e, self._mem, self._cst)
-        return self._encode(e, mem, cst, True)        # the flat buffer is a private copy
+        return self._encode(e, mem, cst, True, True)  # the flat buffer is a private copy
 
-    def _encode(self, e, mem_state, cst_state, private):
+    def _encode(self, e, mem_state, cst_state, private, own=False):
         b, ctx = e.ctx.backend, e.ctx
         e.mem_state, e.cst_state = mem_state, cst_state
+        # A copy of our own (never the caller's donated array, which receives the average later):
+        # compensate may reuse its buffer, and the state may keep it.
+        ctx.memo["g_writable"] = own
         t0 = now()
         e.x = self.memory.compensate(e.g, mem_state, ctx)
         t1 = now()

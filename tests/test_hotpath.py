@@ -124,3 +124,50 @@ def test_average_scaled_in_place_is_bit_identical(spec):
         for t1, t2 in zip(a, b):
             for k in t1:
                 np.testing.assert_array_equal(t1[k], t2[k], err_msg=k)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("spec", ["randomk:ratio=0.25", "topk:ratio=0.1,scope=bucket", "fp16", "qsgd"])
+def test_error_feedback_added_into_a_private_copy_gives_the_same_step(spec, backend):
+    """Residual memory adds the residual into the pipeline's own copy of the gradients (a fused
+    bucket's concatenation) instead of a new array: same averages and state, the caller's arrays
+    (donated or not) are not the state."""
+    need_backend(backend)
+
+    def run(comm, in_place):
+        sync = gradcomp.GradientSync(spec, memory="residual", comm=comm, seed=8, fuse=True)
+        orig, seen = sync.memory.compensate, {"n": 0}
+
+        def compensate(g, state, ctx):
+            seen["n"] += bool(ctx.memo.get("g_writable"))
+            if not in_place:
+                ctx.memo.pop("g_writable", None)
+            return orig(g, state, ctx)
+        sync.memory.compensate = compensate
+        rng = np.random.default_rng([9, comm.rank])
+        outs, kept = [], []
+        for step in range(3):
+            grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+            if backend == "torch":
+                import torch
+                grads = {k: torch.from_numpy(v) for k, v in grads.items()}
+            before = {k: to_np(v).copy() for k, v in grads.items()}
+            out = sync.step(grads) if step != 1 else (sync.start(grads, donate=True), sync.finish())[1]
+            outs.append({k: to_np(v).copy() for k, v in out.items()})
+            if step != 1:
+                kept.append(all(np.array_equal(to_np(grads[k]), before[k]) for k in grads))
+            for v in list(out.values()) + list(grads.values()):
+                v[...] = 0.0 if backend == "numpy" else v.zero_()     # the caller reuses its buffers
+        sd = sync.state_dict()
+        state = {f"{k}/{kk}": to_np(vv).copy() for k, v in sd["memory_state"].items() for kk, vv in v.items()}
+        return outs, state, kept, seen["n"]
+
+    res = world(2, lambda c: (run(c, True), run(c, False)))
+    for (o1, s1, k1, n1), (o2, s2, k2, _) in res:
+        assert n1 > 0 and all(k1) and all(k2)
+        for t1, t2 in zip(o1, o2):
+            for k in t1:
+                np.testing.assert_array_equal(t1[k], t2[k], err_msg=k)
+        assert s1.keys() == s2.keys()
+        for k in s1:
+            np.testing.assert_array_equal(s1[k], s2[k], err_msg=k)

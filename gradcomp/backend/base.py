@@ -61,6 +61,7 @@ class Backend:
             return x
         parts = [self.slice(x, 0, start), self.zeros(stop - start, self.dtype(x), x), self.slice(x, stop, n)]
         return self.cat([p for p in parts if self.numel(p)])
+    def add_(self, x, y): return x + y                         # x += y where possible (same dtype)
     def to_bytes(self, x): raise NotImplementedError           # 1-D uint8 view/copy
     def from_bytes(self, b, dtype: str, shape): raise NotImplementedError
     def transpose(self, x): raise NotImplementedError

@@ -76,6 +76,11 @@ class NumpyBackend(Backend):
             x[start:stop] = 0
             return x
         return super().zero_range_(x, start, stop)
+    def add_(self, x, y):
+        if isinstance(x, np.ndarray) and x.flags.writeable and np.result_type(x, y) == x.dtype:
+            np.add(x, y, out=x)
+            return x
+        return x + y
     def compact(self, x): return x.copy() if isinstance(x, np.ndarray) and x.base is not None else x
     def to_bytes(self, x): return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
     def from_bytes(self, b, dtype, shape): return np.ascontiguousarray(b).view(np_dtype(dtype)).reshape(shape)

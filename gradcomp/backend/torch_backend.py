@@ -72,6 +72,7 @@ class TorchBackend(Backend):
         if start < stop:
             x[start:stop] = 0
         return x
+    def add_(self, x, y): return x.add_(y)
     def compact(self, x):
         return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x
     def to_bytes(self, x): return x.contiguous().reshape(-1).view(torch.uint8)

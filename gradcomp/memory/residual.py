@@ -5,8 +5,10 @@
 
 For a sparsifier whose decoded payload is x_t at the sent indices I and zero elsewhere (topk,
 randomk, rbgs, dgc, threshold: Compressor.sent_indices), e_{t+1} is x_t with I set to zero, computed
-in place on x_t (compensate's fresh array) with no decode: the same numbers. Otherwise the decode
-is subtracted from x_t in place (unless the average or the decode is x_t itself).
+in place on x_t with no decode: the same numbers. Otherwise the decode is subtracted from x_t in
+place (unless the average or the decode is x_t itself). x_t is compensate's fresh array, or, when
+the pipeline says the gradient buffer is a private copy of its own (ctx.memo "g_writable": a fused
+bucket's concatenation or a cast; never the caller's array), that buffer with e_t added in place.
 
 With beta = gamma = 1 (the default) the invariant sum_t D(C(x_t)) + e_{T+1} = sum_t g_t holds
 exactly: nothing the compressor drops is ever lost, only delayed.
@@ -30,6 +32,8 @@ class ResidualMemory(Memory):
 
     def compensate(self, g, state, ctx):
         e = state["residual"]
+        if ctx.memo.get("g_writable") and self.gamma == 1.0 and self.beta == 1.0:
+            return ctx.backend.add_(g, e)       # g is the pipeline's to overwrite: no new buffer
         x = g if self.gamma == 1.0 else g * self.gamma
         return x + e if self.beta == 1.0 else x + e * self.beta
 
