@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -219,11 +220,15 @@ def main(argv=None):
     return train(a, gct.init(a.backend))
 
 
+_INIT_LOCK = threading.Lock()
+
+
 def train(a, comm):
     """Train with parsed arguments `a` on communicator `comm`; returns the last epoch's metrics."""
     torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1) // max(1, _local_ranks(comm.size))))
-    torch.manual_seed(a.seed)
-    task = (LMTask if a.task == "lm" else DigitsTask)(a, comm)
+    with _INIT_LOCK:         # in-process ranks (LocalWorld threads) share torch's generator: seed + init atomically
+        torch.manual_seed(a.seed)
+        task = (LMTask if a.task == "lm" else DigitsTask)(a, comm)
     model = task.model
     gct.broadcast_parameters(model.state_dict(), root_rank=0, comm=comm)
     opt = gct.DistributedOptimizer(task.make_optimizer(), named_parameters=model.named_parameters(),
