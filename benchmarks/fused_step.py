@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=0, help="timed steps per row, median reported (default 3)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size in MiB (default 25)")
-    ap.add_argument("--only", default="", help="comma list of compressor names or specs")
+    ap.add_argument("--only", default="", help="comma list of compressor names or specs (separate specs that contain commas by ';')")
     ap.add_argument("--row-copy", action="store_true",
                     help="re-measure the copy right after each row and divide by that (steadier ratios on a loaded machine)")
     ap.add_argument("--cpu-time", action="store_true",
@@ -102,8 +102,9 @@ def main(argv=None) -> int:
     n = sum(g.numel() for g in grads.values())
     flat = torch.cat([g.reshape(-1) for g in grads.values()])
     copy_ms = copy_time(flat, reps)
-    only = {s.strip() for s in a.only.split(",") if s.strip()}
+    only = {s.strip() for s in a.only.split(";" if ";" in a.only else ",") if s.strip()}
     specs = [m for m in METHODS if not only or m in only or m.split(":")[0] in only]
+    specs += [s for s in sorted(only) if not any(m == s or m.split(":")[0] == s for m in METHODS)]  # any other spec
     print(f"# pipeline step on one rank: {model}, {n:,} fp32 entries in {len(grads)} tensors, "
           f"{len(buckets)} buckets of <= {a.bucket_mb:g} MiB; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; one flat fp32 copy = {copy_ms:.1f} ms; median of {reps}"

@@ -161,16 +161,19 @@ def test_state_is_views_of_one_buffer_between_steps_and_owns_its_memory_in_state
 @pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("spec", ["rbgs:ratio=0.5", "efsignsgd", "onebit"])
 def test_residual_is_compensated_minus_own_decode_on_the_in_place_paths(spec, fuse, backend):
-    """Error feedback's residual formed in place (rbgs: the block zeroed, no decode; the sign methods:
-    the decode subtracted in place) is exactly x - D(C(x)): on one rank D(C(x)) is the output."""
+    """Error feedback's residual formed in place (x = g + e on the bucket's own copy; rbgs: the block
+    zeroed, no decode; the sign methods: the decode subtracted in place) is exactly x - D(C(x)): on one
+    rank D(C(x)) is the output; the caller's gradients are never written."""
     need_backend(backend)
     rng = np.random.default_rng(5)
     sync = gradcomp.GradientSync(spec, memory="residual", seed=2, fuse=fuse)
     prev = {k: np.zeros(int(np.prod(s)), np.float32) for k, s in SHAPES.items()}
     for _ in range(4):                                   # ratio 0.5: the block wraps around on some steps
         g = _grads(rng, backend)
+        before = {k: to_np(v).copy() for k, v in g.items()}
         out = sync.step(g)
         for k in SHAPES:
+            np.testing.assert_array_equal(to_np(g[k]), before[k])     # the caller's gradients untouched
             x = to_np(g[k]).reshape(-1) + prev[k]
             got = to_np(sync.residual(k)).reshape(-1).copy()
             np.testing.assert_array_equal(got, x - to_np(out[k]).reshape(-1), err_msg=k)
