@@ -126,6 +126,76 @@ def flush(sync, *, name: str = "elastic.flush") -> dict:
     return summed
 
 
+def handoff(sync, *, leaving: bool, n_stay: int, new_size: int, name: str = "elastic.handoff") -> dict:
+    """The "keep" rule for a graceful change (ours; gradcomp_torch.pool uses it by default): the ranks
+    that stay keep their residuals, the leaving ranks' residuals are handed to them, and every kept
+    residual is rescaled by new_size / old_size (a residual e sent on a world of P ranks reaches the
+    average as e / P, so e * P_new / P_old reaches it with the same mass as e did on the old world).
+
+    Collective on the current (old) world when a rank leaves: ONE dense allreduce (one per working
+    dtype and flush key) in which only the leaving ranks contribute; each staying rank then adds
+    1 / n_stay of the sum to its own residual. With nobody leaving (an expand) nothing is
+    communicated: each rank only rescales. Joining ranks start at zero. Unlike `flush`, the mass is
+    not applied in one update: it goes through the compressor with the rest of the residual.
+    Every rank of the old world must call it at the same step, with the same n_stay and new_size
+    (`leaving` differs). Returns {name: the summed residual of the leaving ranks} (flat, unscaled
+    gradient units; {} when nobody leaves)."""
+    if sync._buckets:
+        raise RuntimeError("elastic handoff while a step is in flight; call it after finish() / optimizer.step()")
+    if n_stay < 1:
+        raise ValueError(f"handoff needs at least one staying rank, got n_stay={n_stay}")
+    keys = flush_keys(sync.memory)
+    old_size = sync.comm.size
+    names = [n for n in sync._shapes if any((sync._mem.get(n) or {}).get(k) is not None for k in keys)]
+    stays = not leaving
+    leavers = old_size - n_stay
+    got = {}
+    if leavers > 0 and old_size > 1:
+        groups = {}
+        for n in names:
+            for k in keys:
+                if (sync._mem[n]).get(k) is not None:
+                    groups.setdefault((sync._work.get(n, "float32"), k), []).append(n)
+        for (work, k), grp in sorted(groups.items()):
+            parts = []
+            for n in grp:
+                v = sync._mem[n][k]
+                b = get_backend(v)
+                v = b.flatten(v)
+                parts.append(b.copy(v) if leaving else b.zeros_like(v))
+            b = get_backend(parts[0])
+            flat = b.cat(parts) if len(parts) > 1 else parts[0]
+            total = sync.comm.allreduce(flat, name=f"{name}.{work}.{k}").wait()
+            off = 0
+            for n, p in zip(grp, parts):
+                c = b.numel(p)
+                got.setdefault(n, {})[k] = b.copy(b.slice(total, off, off + c))
+                off += c
+    # commit only after every collective came back: a failure above changes nothing
+    f = float(new_size) / float(old_size)
+    out = {}
+    for n in names:
+        st = dict(sync._mem[n])
+        scale = sync._scale.get(n, 1.0)
+        for k in keys:
+            v = st.get(k)
+            if v is None:
+                continue
+            b = get_backend(v)
+            add = (got.get(n) or {}).get(k)
+            if add is not None:
+                u = add * (1.0 / scale) if scale != 1.0 else add
+                out[n] = u if n not in out else out[n] + u
+            if not stays:
+                st[k] = b.zeros_like(v)
+                continue
+            if add is not None:
+                v = v + b.reshape(add, b.shape(v)) * (1.0 / n_stay)
+            st[k] = v * f if f != 1.0 else v
+        sync._mem[n] = st
+    return out
+
+
 def abandon(sync):
     """Forget a step in flight (started, not finished) after a failure: its collectives belonged to
     a world that is gone. Nothing of it was committed (GradientSync commits only in finish())."""

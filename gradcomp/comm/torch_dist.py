@@ -40,18 +40,23 @@ def import_dist():
     return torch, dist
 
 
-def wait_work(work, timeout, op, name, rank, size):
-    """work.wait(), bounded by `timeout` seconds (None: unbounded) -> CollectiveTimeout."""
-    if timeout is not None:
+def wait_work(work, timeout, op, name, rank, size, interrupt=None):
+    """work.wait(), bounded by `timeout` seconds (None: unbounded) -> CollectiveTimeout.
+    `interrupt` (a callable, or None) is called while waiting and may raise to give up the wait
+    (gradcomp_torch.pool raises PeerFailure there when a peer of the group died)."""
+    if interrupt is not None:
+        poll_until(lambda: work.is_completed() or interrupt(), timeout,
+                   lambda: timeout_error("torch.distributed", op, name, rank, size, timeout), poll_max=2e-3)
+    elif timeout is not None:
         poll_until(work.is_completed, timeout,
                    lambda: timeout_error("torch.distributed", op, name, rank, size, timeout))
     work.wait()
 
 
 class TorchHandle(Handle):
-    def __init__(self, work, post, op, name, rank, timeout, size=0):
+    def __init__(self, work, post, op, name, rank, timeout, size=0, interrupt=None):
         self.work, self.post, self.op, self.name, self.rank, self.timeout = work, post, op, name, rank, timeout
-        self.size = size
+        self.size, self.interrupt = size, interrupt
         self._got, self._value = False, None
 
     def done(self):
@@ -62,7 +67,7 @@ class TorchHandle(Handle):
             return self._value
         t = self.timeout if timeout is None else timeout
         if self.work is not None:
-            wait_work(self.work, t, self.op, self.name, self.rank, self.size)
+            wait_work(self.work, t, self.op, self.name, self.rank, self.size, self.interrupt)
         self._value, self._got, self.post = self.post(), True, None
         return self._value
 
@@ -94,6 +99,7 @@ class TorchDistCommunicator(Communicator):
     engine = "torch"
     accepts_donation = True
     native_sendrecv = True
+    interrupt = None                # see wait_work
 
     def __init__(self, group=None, *, init: bool = False, init_backend: str | None = None,
                  timeout="default", local_rank: int | None = None):
@@ -135,7 +141,7 @@ class TorchDistCommunicator(Communicator):
         return t.to(self.home), True, lambda r: r.to(dev)
 
     def _wait(self, work, op, name):
-        wait_work(work, self.timeout, op, name, self.rank, self.size)
+        wait_work(work, self.timeout, op, name, self.rank, self.size, self.interrupt)
 
     def _meta(self, t):
         return self.torch.tensor([t.numel(), _CODES.index(str(t.dtype).replace("torch.", ""))],
@@ -147,7 +153,7 @@ class TorchDistCommunicator(Communicator):
         torch = self.torch
         out = t if private or (donate and torch.is_tensor(x) and t.data_ptr() == x.data_ptr()) else t.clone()
         work = self.dist.all_reduce(out, op=self.dist.ReduceOp.SUM, group=self.group, async_op=True)
-        return TorchHandle(work, lambda: back(out), "allreduce", name, self.rank, self.timeout, self.size)
+        return TorchHandle(work, lambda: back(out), "allreduce", name, self.rank, self.timeout, self.size, self.interrupt)
 
     def allgather(self, x, *, name=""):
         torch, dist = self.torch, self.dist
@@ -166,7 +172,7 @@ class TorchDistCommunicator(Communicator):
         outs = [torch.empty(top, dtype=t.dtype, device=t.device) for _ in range(self.size)]
         work = dist.all_gather(outs, padded, group=self.group, async_op=True)
         return TorchHandle(work, lambda: [back(o[:c]) for o, c in zip(outs, counts)], "allgather", name,
-                           self.rank, self.timeout, self.size)
+                           self.rank, self.timeout, self.size, self.interrupt)
 
     def sendrecv(self, x, *, dest=None, source=None, count=None, name=""):
         """torch.distributed isend to `dest` and irecv from `source`, in one batch_isend_irecv."""
@@ -215,5 +221,5 @@ class TorchDistCommunicator(Communicator):
                 raise ValueError(f"broadcast({name!r}): root {root} sent {_CODES[code]} but rank {self.rank} "
                                  f"passed {mine}; pass the same dtype on every rank")
             return back(out)
-        return TorchHandle(work, post, f"broadcast[{root}]", name, self.rank, self.timeout, self.size)
+        return TorchHandle(work, post, f"broadcast[{root}]", name, self.rank, self.timeout, self.size, self.interrupt)
 
