@@ -10,6 +10,7 @@ started up front and prepared while the others train; a change is a short step a
     python -m gradcomp_torch.pool --np 2 --max-np 4 examples/torch_elastic_pool.py --schedule 30:3,60:4,90:2
     # a SIGKILL: the last rank kills itself after step 50; a standby takes its place
     python -m gradcomp_torch.pool --np 3 --max-np 4 examples/torch_elastic_pool.py --kill-at 50
+    # mpi/elastic_recipe.sh: 2 -> 3 -> 4, a SIGKILL at step 75 (4 -> 3), a graceful leave at 90 (3 -> 2)
 
 --events FILE appends one JSON line per event (request, change begin/end, first step on a world,
 the end) for benchmarks/elastic_bench.py; --checkpoint / --resume give the kill-and-restart
@@ -110,7 +111,8 @@ def main(argv=None):
                 first = False
             else:
                 emit("step", step=s, t_begin=t0) if a.events and r == 0 else None
-            if a.kill_at and s == a.kill_at and r == pool.size - 1 and pool.size > 1 and pool.gen == 0:
+            if a.kill_at and s == a.kill_at and r == pool.size - 1 and pool.size > 1 \
+                    and pool.store.add("example/killed", 1) == 1:        # once (the steps after a commit rerun)
                 emit("kill", step=s)
                 os.kill(os.getpid(), 9)
             if r == 0 and s in schedule and pool.size != schedule[s]:

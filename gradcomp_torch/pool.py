@@ -247,6 +247,7 @@ class State:
         self.rule, self.replace, self.on_resize, self.on_event = rule, replace, list(on_resize), on_event
         self.attrs = dict(attrs)
         self.left = False
+        self.handed = {}        # the last graceful change's handoff: {name: the leaving ranks' residual sum}
         self._committed = None
         self.commit()
         if not pool.active:
@@ -317,8 +318,9 @@ class State:
         me_leaving = pool.rank not in new
         sync = self.opt.gradient_sync
         gce._require_idle(self.opt, "elastic change")
+        self.handed = {}
         if self.rule == "keep":
-            core.handoff(sync, leaving=me_leaving, n_stay=len(stay), new_size=len(new))
+            self.handed = core.handoff(sync, leaving=me_leaving, n_stay=len(stay), new_size=len(new))
         elif self.rule == "flush":
             core.flush(sync)
         else:

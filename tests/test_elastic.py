@@ -144,3 +144,57 @@ def test_flush_refused_mid_step():
     with pytest.raises(RuntimeError, match="in flight"):
         elastic.flush(gs)
     gs.finish()
+
+
+def test_handoff_gives_the_leaving_ranks_mass_to_the_stayers_exactly():
+    """The keep rule, 3 ranks -> 2 (rank 2 leaves): one allreduce in which only rank 2 contributes
+    returns exactly what rank 2 held; the stayers keep their own residuals plus half of it, all
+    rescaled by 2/3, so the mass the new world will send (sum / 2) equals what the old world held
+    (sum / 3); and on the new world nothing is lost from there on."""
+    calls = []
+
+    def fn(comm):
+        gs = GradientSync("topk:ratio=0.25", memory="residual", comm=comm)
+        for t in range(3):
+            gs.step(grads(comm.rank, t))
+        held = elastic.held_mass(gs)
+        real = comm.allreduce
+
+        def spy(x, *, name=""):
+            calls.append((comm.rank, name))
+            return real(x, name=name)
+        comm.allreduce = spy
+        got = elastic.handoff(gs, leaving=comm.rank == 2, n_stay=2, new_size=2)
+        comm.allreduce = real
+        return held, got, elastic.held_mass(gs)
+
+    res = LocalWorld(3).run(fn)
+    assert sorted(calls) == [(r, "elastic.handoff.float64.residual") for r in range(3)]
+    for n in SHAPES:
+        leaver = res[2][0][n]
+        assert np.any(leaver)
+        for r in range(3):
+            np.testing.assert_array_equal(res[r][1][n].reshape(leaver.shape), leaver)     # exact
+        assert not np.any(res[2][2][n])                                                 # the leaver: zero
+        before = sum(res[r][0][n] for r in range(3)) / 3
+        after = (res[0][2][n] + res[1][2][n]) / 2
+        np.testing.assert_allclose(after, before, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(res[0][2][n], (res[0][0][n] + leaver / 2) * 2 / 3, rtol=0, atol=1e-12)
+
+
+def test_handoff_on_expand_only_rescales():
+    """2 -> 4 with nobody leaving: no collective; each residual doubles (its mass / P is kept)."""
+    def fn(comm):
+        gs = GradientSync("topk:ratio=0.25", memory="residual", comm=comm)
+        gs.step(grads(comm.rank, 0))
+        held = elastic.held_mass(gs)
+        comm.allreduce = None                         # any collective would fail
+        got = elastic.handoff(gs, leaving=False, n_stay=2, new_size=4)
+        return held, got, elastic.held_mass(gs)
+
+    for held, got, after in LocalWorld(2).run(fn):
+        assert got == {}
+        for n in SHAPES:
+            np.testing.assert_array_equal(after[n], 2 * held[n])
+    with pytest.raises(ValueError, match="staying rank"):
+        elastic.handoff(GradientSync("topk:ratio=0.25", memory="residual"), leaving=True, n_stay=0, new_size=1)
