@@ -70,6 +70,7 @@ def main(argv=None):
     p.add_argument("--engine", choices=("pool", "horovod"), default="pool")
     p.add_argument("--accuracy", action="store_true", help="also the accuracy table (pool; 5 runs per seed)")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--runs", default="fixed2,fixed4,keep,flush,zero", help="which accuracy runs (comma list)")
     a = p.parse_args(argv)
     if a.engine == "pool":
         return pool_main(a)
@@ -138,6 +139,8 @@ def pool_main(a):
     ev_path = os.path.join(d, "elastic.jsonl")
     pool_run(2, 4, ["--schedule", "30:3,60:4,90:2", "--events", ev_path], a.timeout)
     ev = events(ev_path)
+    launch0 = min(e["t_launch"] for e in ev if e["event"] == "ready")
+    prep = {e["rank"]: e["t"] - launch0 for e in ev if e["event"] == "ready" and not e["active"]}
     r0 = [e for e in ev if e["rank"] == 0]
     steps = [e["t"] - e["t_begin"] for e in r0 if e["event"] == "step"]
     for q in (e for e in r0 if e["event"] == "request"):
@@ -175,19 +178,24 @@ def pool_main(a):
     print(f"\nrestart / expand latency: {restart / (sum(exp) / len(exp)):.1f}x (mean of {len(exp)} expands); "
           f"median step {_median(steps):.3f} s; after the SIGKILL: {done['step']} steps, resumed from step "
           f"{back['step']} (commit every 5)")
+    print("standbys prepared in the background (first process start -> ready, while the others trained): " +
+          ", ".join(f"rank {r} {t:.2f} s" for r, t in sorted(prep.items())))
     if a.accuracy:
         pool_accuracy(a, d)
     print(f"events in {d}")
 
 
 def pool_accuracy(a, d):
-    runs = [("topk 10%, fixed 2 ranks", 2, 2, []), ("topk 10%, fixed 4 ranks", 4, 4, []),
-            ("topk 10%, elastic, rule keep (default)", 2, 4, ["--rule", "keep"]),
-            ("topk 10%, elastic, rule flush", 2, 4, ["--rule", "flush"]),
-            ("topk 10%, elastic, rule zero", 2, 4, ["--rule", "zero"])]
+    runs = {"keep": ("topk 10%, elastic, rule keep (default)", 2, 4, ["--rule", "keep"]),
+            "flush": ("topk 10%, elastic, rule flush", 2, 4, ["--rule", "flush"]),
+            "zero": ("topk 10%, elastic, rule zero", 2, 4, ["--rule", "zero"]),
+            "fixed2": ("topk 10%, fixed 2 ranks", 2, 2, []), "fixed4": ("topk 10%, fixed 4 ranks", 4, 4, []),
+            "dense2": ("none (dense), fixed 2 ranks", 2, 2, ["--compressor", "none"]),
+            "dense": ("none (dense), elastic", 2, 4, ["--compressor", "none"])}
     seeds = [int(s) for s in a.seeds.split(",")]
     table = {}
-    for name, np_, mx, extra in runs:
+    which = [w for w in getattr(a, "runs", "fixed2,fixed4,keep,flush,zero").split(",") if w]
+    for name, np_, mx, extra in (runs[w] for w in which):
         for seed in seeds:
             sched = ["--schedule", "30:3,60:4,90:2"] if mx != np_ else []
             _, out = pool_run(np_, mx, [*sched, *extra, "--seed", str(seed)], a.timeout)
@@ -196,7 +204,7 @@ def pool_accuracy(a, d):
             print(f"  {name} seed {seed}: {acc:.2f}", flush=True)
     print("\n| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |\n|---|" + "---|" * (len(seeds) + 1))
     for name, by in table.items():
-        vals = [by[s] for s in seeds]
+        vals = [by[s] for s in seeds if s in by]
         print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals) / len(vals):.2f} |")
 
 

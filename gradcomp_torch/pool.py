@@ -58,8 +58,8 @@ while the new world is being formed ends in the pool's timeout. A group that had
 is abandoned, not destroyed (its Gloo work may still be pending in its threads).
 
 `on_resize` callbacks (State(..., on_resize=[f])) get the new size after every change (rescale a
-learning rate, re-split virtual workers). Requests are not validated against max-np beyond
-clear errors in `request`.
+learning rate, re-split virtual workers). `request` refuses sizes outside 1..max-np and unknown
+ranks with a ValueError that says the allowed range.
 """
 from __future__ import annotations
 
@@ -448,7 +448,7 @@ def launch(argv=None) -> int:
     for r in range(a.max_np):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(a.max_np),
                    **{ENV_STORE: f"127.0.0.1:{port}", ENV_NP: str(a.np)})
-        procs.append(subprocess.Popen([sys.executable, a.script, *a.args], env=env, start_new_session=True))
+        procs.append(subprocess.Popen([sys.executable, a.script, *a.args], env=env))   # our process group
     deadline = time.monotonic() + a.timeout if a.timeout else None
     rcs = [None] * a.max_np
     while any(rc is None for rc in rcs):
@@ -462,7 +462,7 @@ def launch(argv=None) -> int:
         if deadline is not None and time.monotonic() > deadline:
             for r, pr in enumerate(procs):
                 if rcs[r] is None:
-                    os.killpg(pr.pid, 9)
+                    pr.kill()
             print(f"[gradcomp pool] timeout after {a.timeout:.0f} s: killed", file=sys.stderr, flush=True)
             return 124
         time.sleep(0.01)
