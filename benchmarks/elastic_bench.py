@@ -13,7 +13,7 @@
   sigkill   --np 3 --max-np 4, the last rank SIGKILLs itself after step 50: kill -> the failure
             seen -> rank 0's first step on the new world (a standby took the dead rank's place).
   accuracy  final test accuracy by seed: fixed 2 ranks, fixed 4 ranks, elastic with the residual
-            rules keep (default), flush and zero (--accuracy to run it).
+            rules flush (default), keep and zero, dense fixed and elastic (--accuracy; --runs).
 --engine horovod (examples/torch_elastic.py under horovodrun --min-np 2 --max-np 4):
   elastic   horovodrun --min-np 2 --max-np 4 with a discovery file rank 0 rewrites: 2 -> 3 -> 4 -> 2
             (graceful changes; residuals flushed). Latency = the discovery file written -> the first
@@ -70,7 +70,7 @@ def main(argv=None):
     p.add_argument("--engine", choices=("pool", "horovod"), default="pool")
     p.add_argument("--accuracy", action="store_true", help="also the accuracy table (pool; 5 runs per seed)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--runs", default="fixed2,fixed4,keep,flush,zero", help="which accuracy runs (comma list)")
+    p.add_argument("--runs", default="fixed2,fixed4,flush,keep,zero", help="which accuracy runs (comma list)")
     a = p.parse_args(argv)
     if a.engine == "pool":
         return pool_main(a)
@@ -186,15 +186,15 @@ def pool_main(a):
 
 
 def pool_accuracy(a, d):
-    runs = {"keep": ("topk 10%, elastic, rule keep (default)", 2, 4, ["--rule", "keep"]),
-            "flush": ("topk 10%, elastic, rule flush", 2, 4, ["--rule", "flush"]),
+    runs = {"keep": ("topk 10%, elastic, rule keep", 2, 4, ["--rule", "keep"]),
+            "flush": ("topk 10%, elastic, rule flush (default)", 2, 4, ["--rule", "flush"]),
             "zero": ("topk 10%, elastic, rule zero", 2, 4, ["--rule", "zero"]),
             "fixed2": ("topk 10%, fixed 2 ranks", 2, 2, []), "fixed4": ("topk 10%, fixed 4 ranks", 4, 4, []),
             "dense2": ("none (dense), fixed 2 ranks", 2, 2, ["--compressor", "none"]),
             "dense": ("none (dense), elastic", 2, 4, ["--compressor", "none"])}
     seeds = [int(s) for s in a.seeds.split(",")]
     table = {}
-    which = [w for w in getattr(a, "runs", "fixed2,fixed4,keep,flush,zero").split(",") if w]
+    which = [w for w in getattr(a, "runs", "fixed2,fixed4,flush,keep,zero").split(",") if w]
     for name, np_, mx, extra in (runs[w] for w in which):
         for seed in seeds:
             sched = ["--schedule", "30:3,60:4,90:2"] if mx != np_ else []

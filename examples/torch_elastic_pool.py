@@ -45,7 +45,7 @@ def parse(argv=None):
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--compressor", default="topk:ratio=0.1")
-    p.add_argument("--rule", choices=gcp.RULES, default="keep", help="residuals at a graceful change")
+    p.add_argument("--rule", choices=gcp.RULES, default="flush", help="residuals at a graceful change")
     p.add_argument("--schedule", default="", help="step:size,... (rank 0 requests these sizes)")
     p.add_argument("--commit-every", type=int, default=5)
     p.add_argument("--events", help="append JSON events here")

@@ -127,7 +127,7 @@ def flush(sync, *, name: str = "elastic.flush") -> dict:
 
 
 def handoff(sync, *, leaving: bool, n_stay: int, new_size: int, name: str = "elastic.handoff") -> dict:
-    """The "keep" rule for a graceful change (ours; gradcomp_torch.pool uses it by default): the ranks
+    """The "keep" rule for a graceful change (ours; gradcomp_torch.pool's rule="keep"): the ranks
     that stay keep their residuals, the leaving ranks' residuals are handed to them, and every kept
     residual is rescaled by new_size / old_size (a residual e sent on a world of P ranks reaches the
     average as e / P, so e * P_new / P_old reaches it with the same mass as e did on the old world).

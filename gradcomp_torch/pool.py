@@ -38,9 +38,10 @@ Protocol (keys under "gcpool/" in the store):
   dead/R, failures   written by the launcher when process R exits abnormally.
 
 A graceful change (at a step boundary, every old rank alive): the residual rule runs on the old
-world ("keep", the default: gradcomp.elastic.handoff -- staying ranks keep their residuals,
-rescaled by P_new / P_old, and the leaving ranks' residuals are handed to them with one dense
-allreduce; or "flush": gradcomp.elastic.flush, applied in the next update; or "zero"), the leaving
+world ("flush", the default and gradcomp/elastic.py's graceful rule: one dense allreduce of every
+rank's residuals, applied in the next update; "keep", ours: gradcomp.elastic.handoff -- staying
+ranks keep their residuals, rescaled by P_new / P_old, and the leaving ranks' residuals are handed
+to them with one dense allreduce; or "zero": dropped), the leaving
 ranks leave (`run` returns on them), the new world's communicator is made on its members only
 (torch.distributed.new_group with use_local_synchronization, cached per membership), the joiners
 receive rank 0's model, wrapped optimizer state, gradcomp's replicated state and the State's
@@ -79,7 +80,7 @@ from gradcomp_torch import elastic as gce
 
 P = "gcpool/"
 ENV_STORE, ENV_NP = "GRADCOMP_POOL_STORE", "GRADCOMP_POOL_NP"
-RULES = ("keep", "flush", "zero")
+RULES = ("flush", "keep", "zero")
 
 
 class PeerFailure(RuntimeError):
@@ -239,7 +240,7 @@ class State:
     `on_event(name, **info)` is called with "change_begin", "change_end", "left", "failure"
     (for benchmarks)."""
 
-    def __init__(self, pool: Pool, model, optimizer, *, rule: str = "keep", replace: bool = True,
+    def __init__(self, pool: Pool, model, optimizer, *, rule: str = "flush", replace: bool = True,
                  on_resize=(), on_event=None, **attrs):
         if rule not in RULES:
             raise ValueError(f"rule={rule!r}: choose one of {RULES}")

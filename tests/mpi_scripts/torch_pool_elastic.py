@@ -23,6 +23,7 @@ ap.add_argument("--batches", type=int, default=12)
 ap.add_argument("--every", type=int, default=2)
 ap.add_argument("--plan", default="")
 ap.add_argument("--die-at", type=int, default=-1)
+ap.add_argument("--rule", default="keep")
 args = ap.parse_args()
 plan = {}
 for item in filter(None, args.plan.split(",")):
@@ -56,7 +57,7 @@ def emit(event, **kw):
         f.write(json.dumps(kw, default=str) + "\n")
 
 
-state = gcp.State(pool, model, opt, step=0, on_event=emit)
+state = gcp.State(pool, model, opt, rule=args.rule, step=0, on_event=emit)
 
 
 def train(state):
