@@ -222,4 +222,3 @@ class TorchDistCommunicator(Communicator):
                                  f"passed {mine}; pass the same dtype on every rank")
             return back(out)
         return TorchHandle(work, post, f"broadcast[{root}]", name, self.rank, self.timeout, self.size, self.interrupt)
-
