@@ -16,8 +16,9 @@ convert their tensors):
      works too; Adasum (2) raises (gradcomp has no Adasum reduction).
 2. The collectives Horovod users call directly: `allreduce` (Average / Sum / Min / Max / Product,
    prescale and postscale), `allgather` (concatenation along the first dimension, which may differ
-   between ranks), `broadcast`, `join` and the launcher facts (`local_size`, `cross_rank`, ...).
-   They run over whichever gradcomp Communicator is active and block (they return arrays, not handles).
+   between ranks), `broadcast`, `alltoall`, `join` and the launcher facts (`local_size`, `cross_rank`,
+   ...). They run over whichever gradcomp Communicator is active; each has an `*_async` form that
+   issues the collective and returns a Handle (`poll(h)`, `synchronize(h)`), the blocking form waits.
 """
 from __future__ import annotations
 
@@ -148,18 +149,23 @@ def _scalar(h):
     return np.asarray(h.wait())
 
 
-def allreduce(comm, x: np.ndarray, op=None, average=None, prescale_factor=1.0, postscale_factor=1.0,
-              name="allreduce") -> np.ndarray:
-    """Horovod's allreduce on a host array: postscale * reduce(prescale * x) over ranks (blocking).
+def allreduce_async(comm, x: np.ndarray, op=None, average=None, prescale_factor=1.0, postscale_factor=1.0,
+                    name="allreduce"):
+    """Start Horovod's allreduce on a host array; returns a Handle (`poll` / `synchronize`) whose
+    wait() gives postscale * reduce(prescale * x) over ranks.
 
     op: Average (default), Sum, Min, Max, Product; `average=True/False` is Horovod's older spelling
-    of Average/Sum. Integer arrays are averaged with integer division, as Horovod does."""
+    of Average/Sum. Integer arrays are averaged with integer division, as Horovod does. The
+    collective is issued now (one transport call: an allreduce, or an allgather for Min/Max/Product);
+    ranks must issue their async collectives in the same order (gradcomp's transports match calls
+    by order, Horovod by name)."""
+    from gradcomp.comm.base import DoneHandle, ThenHandle
     if average is not None:
         if op is not None:
             raise ValueError("allreduce: pass op= or the deprecated average=, not both")
         op = Average if average else Sum
     op = Average if op is None else op
-    if isinstance(op, bool) or int(op) not in OP_NAMES:
+    if isinstance(op, bool) or not isinstance(op, (int, np.integer)) or int(op) not in OP_NAMES:
         raise ValueError(f"allreduce: op={op!r} is not one of Average, Sum, Min, Max, Product")
     op = int(op)
     if op == Adasum:
@@ -170,29 +176,43 @@ def allreduce(comm, x: np.ndarray, op=None, average=None, prescale_factor=1.0, p
     v = x.reshape(-1).astype(wide, copy=True)
     if prescale_factor != 1.0:
         v = v * prescale_factor
+
+    def finish(out):
+        if op == Average:
+            out = out / comm.size if np.issubdtype(out.dtype, np.floating) else out // comm.size
+        if postscale_factor != 1.0:
+            out = out * postscale_factor
+        return np.asarray(out).astype(dtype, copy=False).reshape(shape)
+
     if comm.size == 1:
-        out = v
-    elif op in (Average, Sum):
+        return DoneHandle(finish(v))
+    if op in (Average, Sum):
         if v.dtype == np.bool_:
             v = v.astype(np.int32)
-        out = np.asarray(comm.allreduce(v, name=name).wait()).reshape(-1)
-    else:
-        parts = np.stack([np.asarray(p).reshape(-1) for p in comm.allgather(v, name=name).wait()])
-        out = {Min: parts.min(0), Max: parts.max(0), Product: parts.prod(0)}[op]
-    if op == Average:
-        out = out / comm.size if np.issubdtype(out.dtype, np.floating) else out // comm.size
-    if postscale_factor != 1.0:
-        out = out * postscale_factor
-    return np.asarray(out).astype(dtype, copy=False).reshape(shape)
+        return ThenHandle(comm.allreduce(v, name=name), lambda r: finish(np.asarray(r).reshape(-1)))
+
+    def combine(parts):
+        parts = np.stack([np.asarray(p).reshape(-1) for p in parts])
+        return finish({Min: parts.min(0), Max: parts.max(0), Product: parts.prod(0)}[op])
+    return ThenHandle(comm.allgather(v, name=name), combine)
 
 
-def allgather(comm, x: np.ndarray, name="allgather") -> np.ndarray:
-    """Concatenate every rank's array along the first dimension (which may differ between ranks)."""
+def allreduce(comm, x: np.ndarray, op=None, average=None, prescale_factor=1.0, postscale_factor=1.0,
+              name="allreduce") -> np.ndarray:
+    """Horovod's allreduce on a host array, blocking: allreduce_async(...).wait()."""
+    return allreduce_async(comm, x, op, average, prescale_factor, postscale_factor, name).wait()
+
+
+def allgather_async(comm, x: np.ndarray, name="allgather"):
+    """Start an allgather: every rank's array concatenated along the first dimension (which may
+    differ between ranks). The shapes are exchanged first (blocking, small); the data collective is
+    issued without waiting. Returns a Handle."""
+    from gradcomp.comm.base import DoneHandle, ThenHandle
     x = _c(x)
     if x.ndim == 0:
         x = x.reshape(1)
     if comm.size == 1:
-        return x.copy()
+        return DoneHandle(x.copy())
     metas = comm.allgather_object({"shape": list(x.shape), "dtype": str(x.dtype)}, name=f"{name}.meta")
     if any(m["shape"][1:] != list(x.shape[1:]) or m["dtype"] != str(x.dtype) for m in metas):
         raise ValueError(f"allgather({name!r}): ranks passed different trailing shapes or dtypes "
@@ -202,23 +222,112 @@ def allgather(comm, x: np.ndarray, name="allgather") -> np.ndarray:
     pad = np.zeros(max(rows) * per_row, dtype=x.dtype)
     pad[:x.size] = x.reshape(-1)
     wire = pad.view(np.uint8) if x.dtype == np.bool_ else pad
-    parts = comm.allgather(wire, name=name).wait()
-    out = [np.asarray(p).reshape(-1)[:r * per_row].view(x.dtype) if x.dtype == np.bool_
-           else np.asarray(p).reshape(-1)[:r * per_row] for p, r in zip(parts, rows)]
-    return np.concatenate(out).reshape((sum(rows),) + x.shape[1:]).astype(x.dtype, copy=False)
+
+    def finish(parts):
+        out = [np.asarray(p).reshape(-1)[:r * per_row].view(x.dtype) if x.dtype == np.bool_
+               else np.asarray(p).reshape(-1)[:r * per_row] for p, r in zip(parts, rows)]
+        return np.concatenate(out).reshape((sum(rows),) + x.shape[1:]).astype(x.dtype, copy=False)
+    return ThenHandle(comm.allgather(wire, name=name), finish)
 
 
-def broadcast(comm, x: np.ndarray, root_rank=0, name="broadcast") -> np.ndarray:
-    """root_rank's array on every rank (a new array; same shape and dtype as `x` on every rank)."""
+def allgather(comm, x: np.ndarray, name="allgather") -> np.ndarray:
+    """Concatenate every rank's array along the first dimension (blocking)."""
+    return allgather_async(comm, x, name).wait()
+
+
+def broadcast_async(comm, x: np.ndarray, root_rank=0, name="broadcast"):
+    """Start a broadcast of root_rank's array; a Handle whose wait() gives a new array (same shape
+    and dtype as `x` on every rank)."""
+    from gradcomp.comm.base import DoneHandle, ThenHandle
     if not 0 <= int(root_rank) < comm.size:
         raise ValueError(f"broadcast: root_rank={root_rank} is not a rank of this {comm.size}-rank job")
     x = _c(x)
     if comm.size == 1:
-        return x.copy()
+        return DoneHandle(x.copy())
     v = x.reshape(-1)
     v = v.astype(np.uint8) if v.dtype == np.bool_ else v
-    out = np.asarray(comm.broadcast(v.copy(), root=int(root_rank), name=name).wait())
-    return out.reshape(-1).astype(x.dtype, copy=False).reshape(x.shape)
+    return ThenHandle(comm.broadcast(v.copy(), root=int(root_rank), name=name),
+                      lambda out: np.asarray(out).reshape(-1).astype(x.dtype, copy=False).reshape(x.shape))
+
+
+def broadcast(comm, x: np.ndarray, root_rank=0, name="broadcast") -> np.ndarray:
+    """root_rank's array on every rank (blocking)."""
+    return broadcast_async(comm, x, root_rank, name).wait()
+
+
+def alltoall_async(comm, x: np.ndarray, splits=None, name="alltoall"):
+    """Start Horovod's alltoall: rank r sends rows [sum(splits[:j]), sum(splits[:j+1])) of `x` (first
+    dimension) to rank j and receives, in rank order, the rows every rank sends it. `splits`: one
+    non-negative int per rank summing to x.shape[0]; None splits the first dimension equally (it must
+    divide). A Handle whose wait() gives (received array, received_splits as int32).
+
+    Ours, over the transports' allgather: the splits and shapes are exchanged first (blocking,
+    small), then every rank's padded array goes to every rank and each keeps its slices -- correct
+    on every transport, but each rank receives all P arrays, not 1/P of them (for the small
+    tensors scripts pass; no transport here has a native alltoall)."""
+    from gradcomp.comm.base import DoneHandle, ThenHandle
+    x = _c(x)
+    if x.ndim == 0:
+        raise ValueError(f"alltoall({name!r}): needs a tensor with at least one dimension, got a scalar")
+    P, n = comm.size, int(x.shape[0])
+    if splits is None:
+        if n % P:
+            raise ValueError(f"alltoall({name!r}): first dimension {n} does not divide evenly over {P} ranks; "
+                             "pass splits= (one count per rank)")
+        sp = np.full(P, n // P, np.int64)
+    else:
+        sp = np.asarray(splits).reshape(-1)
+        if sp.size != P or not np.issubdtype(sp.dtype, np.integer) or (sp < 0).any() or int(sp.sum()) != n:
+            raise ValueError(f"alltoall({name!r}): splits={sp.tolist()} must be {P} non-negative ints (one per "
+                             f"rank) summing to the first dimension {n}")
+        sp = sp.astype(np.int64)
+    if P == 1:
+        return DoneHandle((x.copy(), sp.astype(np.int32)))
+    metas = comm.allgather_object({"shape": list(x.shape), "dtype": str(x.dtype), "splits": sp.tolist()},
+                                  name=f"{name}.meta")
+    if any(m["shape"][1:] != list(x.shape[1:]) or m["dtype"] != str(x.dtype) for m in metas):
+        raise ValueError(f"alltoall({name!r}): ranks passed different trailing shapes or dtypes "
+                         f"{[(m['shape'], m['dtype']) for m in metas]}; only the first dimension may differ")
+    S = np.array([m["splits"] for m in metas], np.int64)          # S[r, j]: rows r sends to j
+    me = comm.rank
+    per_row = int(np.prod(x.shape[1:])) if x.ndim > 1 else 1
+    pad = np.zeros(int(S.sum(1).max()) * per_row, dtype=x.dtype)
+    pad[:x.size] = x.reshape(-1)
+    wire = pad.view(np.uint8) if x.dtype == np.bool_ else pad
+
+    def finish(parts):
+        out = []
+        for r, p in enumerate(parts):
+            p = np.asarray(p).reshape(-1)
+            p = p.view(x.dtype) if x.dtype == np.bool_ else p
+            a = int(S[r, :me].sum()) * per_row
+            out.append(p[a:a + int(S[r, me]) * per_row])
+        got = np.concatenate(out).reshape((int(S[:, me].sum()),) + x.shape[1:]).astype(x.dtype, copy=False)
+        return got, S[:, me].astype(np.int32)
+    return ThenHandle(comm.allgather(wire, name=name), finish)
+
+
+def alltoall(comm, x: np.ndarray, splits=None, name="alltoall"):
+    """(received array, received_splits), blocking; see alltoall_async."""
+    return alltoall_async(comm, x, splits, name).wait()
+
+
+def poll(handle) -> bool:
+    """Whether an async collective has completed (synchronize then returns without blocking)."""
+    _check_handle(handle, "poll")
+    return bool(handle.done())
+
+
+def synchronize(handle):
+    """Wait for an async collective and return its result."""
+    _check_handle(handle, "synchronize")
+    return handle.wait()
+
+
+def _check_handle(handle, where):
+    if not (hasattr(handle, "wait") and hasattr(handle, "done")):
+        raise TypeError(f"{where}: expected a handle returned by an *_async collective, got "
+                        f"{type(handle).__name__}")
 
 
 def join(comm) -> int:
