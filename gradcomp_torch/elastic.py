@@ -180,9 +180,22 @@ class TorchState(_HvdTorchState):
 
 
 def run(func):
-    """hvd.elastic.run (a decorator for `train(state, ...)`): retries on failures and host changes."""
+    """hvd.elastic.run (a decorator for `train(state, ...)`): retries on failures and host changes.
+
+    When `train` returns normally -- on every rank together, the end of training -- the state's
+    gradcomp DistributedOptimizers are finalized (a periodic sync policy that left the ranks apart
+    synchronizes, so the model the script saves next is the averaged one); inside the retried
+    function, so a failure there is handled like one during training."""
+    import functools
     _need_horovod()
-    return _hvd_run(func)
+
+    @functools.wraps(func)
+    def train_then_finalize(state, *args, **kwargs):
+        out = func(state, *args, **kwargs)
+        for h in getattr(state, "_ours", lambda: [])():
+            h.value.finalize()
+        return out
+    return _hvd_run(train_then_finalize)
 
 
 # ------------------------------------------------------------------------------- torchrun elastic
