@@ -7,6 +7,7 @@
     t0 = hvd.broadcast(t, root_rank=0)
     cfg = hvd.broadcast_object(cfg, root_rank=0)      # numbers, strings, arrays, lists/dicts (no pickle)
     hvd.barrier(); hvd.join()
+    out, recv_splits = hvd.alltoall(t, splits=[1, 3])
 
 Same semantics as Horovod's: allreduce averages by default (op=Average | Sum | Min | Max | Product,
 or average=True/False), prescale/postscale factors, optional `compression=` (Horovod's or gradcomp's
@@ -126,6 +127,33 @@ def broadcast_object(obj, root_rank=0, session=None, name=None, process_set=None
         raw = np.zeros(n, np.uint8)
     data = np.asarray(comm.broadcast(raw, root=int(root_rank), name=f"{tag}.data").wait(), np.uint8)
     return obj if comm.rank == root_rank else decode(data.tobytes())
+
+
+def alltoall(tensor, splits=None, name=None, ignore_name_scope=False, process_set=None):
+    """Horovod's alltoall: `splits[j]` rows of `tensor` (axis 0) go to rank j (None: equal parts);
+    returns the rows every rank sent here, concatenated in rank order, and -- when `splits` was
+    given, as Horovod does -- the received splits (int32). Eager and inside tf.function; not
+    differentiable. Every rank receives every rank's whole tensor on the wire
+    (gradcomp.horovod_api.alltoall_async says why)."""
+    _api.check_process_set(process_set, "alltoall")
+    comm = _comm()
+    tensor = tf.convert_to_tensor(tensor)
+    sp = None if splits is None else tf.cast(tf.convert_to_tensor(splits), tf.int64)
+    tag = name or "alltoall"
+
+    def host(t, s=None):
+        out, recv = _api.alltoall(comm, t.numpy(), None if s is None else s.numpy(), name=tag)
+        return out, recv
+
+    if tf.executing_eagerly():
+        out, recv = host(tensor, sp)
+        out, recv = tf.convert_to_tensor(out, dtype=tensor.dtype), tf.convert_to_tensor(recv, tf.int32)
+    else:
+        args = [tensor] if sp is None else [tensor, sp]
+        out, recv = tf.py_function(host, args, Tout=[tensor.dtype, tf.int32], name="gradcomp_alltoall")
+        out.set_shape(tf.TensorShape([None]).concatenate(tensor.shape[1:]))
+        recv.set_shape([comm.size])
+    return out if splits is None else (out, recv)
 
 
 def barrier(process_set=None):

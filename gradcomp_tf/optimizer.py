@@ -56,6 +56,18 @@ class _DistributedMixin:
         ex.check(names, [tuple(v.shape) for v in variables],
                  {"api": "DistributedOptimizer", "optimizer": type(self).__name__,
                   "backward_passes_per_step": self._gc_bpps})
+        saved = getattr(self, "_gc_restore", None)       # gradcomp_tf.load_model's saved values
+        if saved is not None:
+            self._gc_restore = None
+            saved.apply(self.variables)
+
+    def finalize_variable_values(self, var_list):
+        """Keras' end-of-training hook (model.fit calls it on every rank after the last epoch): a
+        periodic sync policy that left the ranks apart synchronizes here, so the model fit returns,
+        and saves, is the averaged one. Eager only; a no-op for the default allreduce policy."""
+        if tf.executing_eagerly() and self.gradcomp_exchange.view is not None:
+            self.gradcomp_finalize()
+        return super().finalize_variable_values(var_list)
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         ex = self.gradcomp_exchange        # (a list attribute on a Keras optimizer would be tracked)

@@ -177,3 +177,81 @@ def test_finalize_and_policy_bytes_in_tf():
         np.testing.assert_allclose(x, (p + q) / 2, rtol=1e-6, atol=1e-7)
     nbytes = sum(w.size * 4 for w in a0)
     assert s0["policy"]["bytes_sent"] == 2 * nbytes and s0["bytes_sent_total"] == s0["bytes_sent"] + 2 * nbytes
+
+
+def test_fit_synchronizes_a_periodic_policy_at_its_end():
+    """model.fit ends with Keras' finalize_variable_values: localsgd:period=2 over 3 steps (not ending on
+    a sync step) leaves the ranks equal after fit, without an explicit gradcomp_finalize()."""
+    def fn(comm):
+        m = tiny_model()
+        opt = hvd.DistributedOptimizer(keras.optimizers.SGD(LR), compressor="none", sync="localsgd:period=2",
+                                       backend=comm)
+        m.compile(optimizer=opt, loss=LOSS, jit_compile=False)
+        x, y = batch(comm.rank, n=12)
+        m.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+        return [w.numpy() for w in m.trainable_variables], opt.gradcomp_stats()["policy"]["syncs"]
+
+    (w0, s0), (w1, s1) = gradcomp.LocalWorld(2, timeout=300).run(fn)
+    assert s0 == s1 == 2          # the step-2 sync and the final one
+    for a, b in zip(w0, w1):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_partial_tape_keeps_local_layer_gradients_local():
+    """PartialDistributedGradientTape(local_layers=[...]): those gradients are this rank's own divided by
+    the number of ranks (Horovod's scale_local_gradients), the others are averaged."""
+    def fn(comm):
+        reset_shared()
+        m = tiny_model()
+        x, y = batch(comm.rank)
+        with tf.GradientTape() as t:
+            loss = LOSS(y, m(x, training=True))
+        tape = hvd.PartialDistributedGradientTape(t, local_layers=m.layers[1], compressor="none", backend=comm)
+        grads = tape.gradient(loss, m.trainable_variables)
+        return [g.numpy() for g in grads]
+
+    out = gradcomp.LocalWorld(2, timeout=120).run(fn)
+    m = tiny_model()
+    own = [local_grads(m, *batch(r)) for r in range(2)]
+    for r in range(2):
+        for i, g in enumerate(out[r]):
+            want = own[r][i] / 2 if i >= 2 else (own[0][i] + own[1][i]) / 2     # layers[1]: variables 2, 3
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(out[0][2], out[1][2])
+    with pytest.raises(ValueError, match="Keras layers"):
+        with tf.GradientTape() as t:
+            pass
+        hvd.PartialDistributedGradientTape(t, local_layers=["dense"])
+
+
+def test_load_model_wraps_the_optimizer_and_restores_its_state(tmp_path):
+    """hvd.load_model: the optimizer comes back as a gradcomp DistributedOptimizer with the saved
+    iterations and momentum, so one more step equals one more step of the original model."""
+    hvd.init()
+    m = tiny_model()
+    m.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9), loss=LOSS)
+    for s in range(2):
+        m.train_on_batch(*batch(0, s))
+    path = str(tmp_path / "m.keras")
+    m.save(path)
+    loaded = hvd.load_model(path, compression=hvd.Compression.fp16)
+    from gradcomp_tf.optimizer import _DistributedMixin
+    assert isinstance(loaded.optimizer, _DistributedMixin)
+    assert loaded.optimizer.gradcomp_exchange.describe()["compressor"].startswith("fp16")
+    m.train_on_batch(*batch(0, 2))
+    loaded.train_on_batch(*batch(0, 2))
+    assert int(loaded.optimizer.iterations.numpy()) == 3
+    for a, b in zip(m.trainable_variables, loaded.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-4)   # fp16 on the wire
+
+
+def test_alltoall_single_process_eager_and_traced():
+    hvd.init()
+    t = tf.reshape(tf.range(6.0), (3, 2))
+    assert np.array_equal(hvd.alltoall(t).numpy(), t.numpy())
+    out, recv = hvd.alltoall(t, splits=[3])
+    assert np.array_equal(out.numpy(), t.numpy()) and recv.numpy().tolist() == [3]
+    traced = tf.function(lambda a: hvd.alltoall(a, splits=tf.constant([3]))[0] * 2)
+    assert np.array_equal(traced(t).numpy(), t.numpy() * 2)
+    with pytest.raises(ValueError, match="splits"):
+        hvd.alltoall(t, splits=[2])
