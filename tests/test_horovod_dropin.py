@@ -76,3 +76,66 @@ def test_horovod_tf2_examples_with_changed_import():
     assert r.returncode == 0, r.output[-3000:]
     checks = [ln for ln in r.output.splitlines() if ln.startswith("CHECK ")]
     assert len(checks) == 5 and all(" PASS" in ln for ln in checks), "\n".join(checks) or r.output[-3000:]
+
+
+# Horovod's example scripts (tests/mpi_scripts/examples/, only the import changed), every mode in one
+# launch (tests/mpi_scripts/hvd_examples.py). The cheap torch cells run by default; the TF cells and the
+# extra launchers are marked slow (TF start-up dominates: minutes on a loaded 2-core machine).
+MODES = ["none", "topk", "powersgd", "localsgd"]
+CELLS = [
+    ("pytorch_mnist", "mpirun", []),
+    ("ddp_comm_hook", "torchrun", []),
+    ("pytorch_imagenet_resnet50", "horovodrun", [pytest.mark.slow]),
+    ("pytorch_mnist", "torchrun", [pytest.mark.slow]),
+    ("pytorch_imagenet_resnet50", "mpirun", [pytest.mark.slow]),
+    ("pytorch_mnist", "horovodrun", [pytest.mark.slow]),
+    ("tensorflow2_mnist", "mpirun", [pytest.mark.slow, pytest.mark.tf]),
+    ("tensorflow2_keras_mnist", "mpirun", [pytest.mark.slow, pytest.mark.tf]),
+]
+
+
+def _launch_cmd(launcher, script_args):
+    if launcher == "mpirun":
+        exe = shutil.which("mpirun")
+        if exe is None or importlib.util.find_spec("mpi4py") is None:
+            pytest.skip("needs mpirun and mpi4py")
+        return [exe, "--oversubscribe", "--allow-run-as-root", "-np", "2", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+                "-x", "TF_CPP_MIN_LOG_LEVEL", sys.executable] + script_args
+    if launcher == "horovodrun":
+        exe = shutil.which("horovodrun")
+        if exe is None or importlib.util.find_spec("horovod") is None or importlib.util.find_spec("horovod.torch") is None:
+            pytest.skip("needs horovodrun and horovod.torch (bash mpi/build_horovod.sh)")
+        return [exe, "-np", "2", sys.executable] + script_args
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)] + script_args
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize("example,launcher", [pytest.param(e, la, marks=m, id=f"{e}-{la}") for e, la, m in CELLS])
+def test_horovod_example_runs_every_mode_with_changed_import(example, launcher):
+    """Each mode: the compressor / policy the environment asks for is the one running, the ranks end
+    with equal parameters, bytes were sent; where the script cannot run the mode (a periodic policy in
+    DistributedGradientTape or a DDP hook) every rank stops with the clear error (`refused`)."""
+    if example.startswith("tensorflow"):
+        pytest.importorskip("tensorflow")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1", GRADCOMP_BACKEND="",
+               GRADCOMP_COMPRESSOR="", GRADCOMP_MEMORY="", GRADCOMP_SYNC="", TF_CPP_MIN_LOG_LEVEL="2",
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = _launch_cmd(launcher, [os.path.join(HERE, "mpi_scripts", "hvd_examples.py"), example] + MODES)
+    try:
+        r = run_job(cmd, TIMEOUT, cwd=ROOT, env=env, retries=0, scale=False, label=f"{launcher} {example}")
+    except JobTimeout as e:
+        pytest.fail(f"{e} (killed)")
+    assert r.returncode == 0, r.output[-3000:]
+    import re
+    text = re.sub(r"\[\d+,\d+\]<std\w+>:", "\n", r.output)
+    checks = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("CHECK ")]
+    assert f"DONE {example} {' '.join(MODES)}" in text, text[-3000:]
+    bad = [ln for ln in checks if " PASS" not in ln]
+    assert checks and not bad, "\n".join(bad or checks)
+    for mode in MODES:
+        assert any(ln.startswith(f"CHECK {example}[{mode}]") for ln in checks), (mode, checks)
