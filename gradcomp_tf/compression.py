@@ -12,6 +12,8 @@ deterministic and step-independent: a probe compresses the same vector under dif
 send the same coordinates forever, and Horovod keeps no error feedback). Today: none, fp16, bf16.
 Every other name raises an error that points to gradcomp_tf.DistributedOptimizer /
 DistributedGradientTape, which run all compressors (allgather, residuals, shared randomness).
+Inside Horovod 0.28.1's own TF tape/optimizer (mpi/build_horovod_tf.sh), none and fp16 run; bf16
+fails with Horovod's own TypeError, because its TF allreduce has no bfloat16 kernel.
 """
 from __future__ import annotations
 

@@ -25,6 +25,8 @@ CPU-only machines and under tf.distribute). A custom loop can keep XLA for the f
 pass: compute the gradients in a tf.function(jit_compile=True) and average them with
 `Exchange.average` from the surrounding plain tf.function. The compressor state is tracked by
 tf.train.Checkpoint through the optimizer (`gradcomp_state`; per rank, see checkpoint.py).
+At the end of `model.fit` Keras calls the optimizer's `finalize_variable_values` on every rank; there a
+periodic sync policy (local SGD) that left the ranks apart synchronizes them (gradcomp_finalize).
 """
 from __future__ import annotations
 
