@@ -91,23 +91,24 @@ def test_pool_expand_onto_standbys_and_graceful_leave(tmp_path):
 
 @LAUNCH
 def test_pool_sigkill_is_covered_by_a_standby_and_no_rank_hangs(tmp_path):
-    """--np 2 --max-np 3: rank 1 SIGKILLs itself after batch 5. The launcher records it, rank 0's
-    pending collective is interrupted (no hang: the job ends well inside the timeout, every
-    process exits), the standby takes rank 1's place, both resume from the last commit (batch 4)
+    """--np 2 --max-np 3: rank 0 (the rank that plans changes and roots the broadcasts) SIGKILLs
+    itself after batch 5. The launcher records it, rank 1's pending collective is interrupted (no
+    hang: the job ends well inside the timeout, every process exits), rank 1 becomes rank 0 of the
+    new world, the standby takes the dead rank's place, both resume from the last commit (batch 4)
     with zero residuals, and training ends at batch 12 with identical ranks."""
-    rc, out, ev = _run(2, 3, tmp_path, "--die-at", "5")
+    rc, out, ev = _run(2, 3, tmp_path, "--die-at", "5", "--die-rank", "0")
     assert rc == 0 and "DONE 0" in out and "DONE 1" in out, out[-3000:]
-    assert "rank 1 exited with -9" in out
-    assert [e["batch"] for e in ev if e["event"] == "die"] == [5]
+    assert "rank 0 exited with -9" in out
+    assert [(e["rank"], e["batch"]) for e in ev if e["event"] == "die"] == [(0, 5)]
     fail = [e for e in ev if e["event"] == "failure"]
-    assert [e["rank"] for e in fail] == [0] and fail[0]["plan"]["members"] == [0, 2], fail
+    assert [e["rank"] for e in fail] == [1] and fail[0]["plan"]["members"] == [1, 2], fail
     joined = [e for e in ev if e["event"] == "joined"]
     assert [e["rank"] for e in joined] == [2] and not any(np.any(v) for v in joined[0]["held"].values())
-    end0 = next(e for e in ev if e["event"] == "change_end" and e["rank"] == 0)
-    assert not any(np.any(v) for v in end0["held"].values())             # the failure rule: zero
+    end1 = next(e for e in ev if e["event"] == "change_end" and e["rank"] == 1)
+    assert not any(np.any(v) for v in end1["held"].values())             # the failure rule: zero
     resumed = [e for e in ev if e["event"] == "step" and e["gen"] == 1]
     assert min(e["batch"] for e in resumed) == 4                        # the last commit
     done = [e for e in ev if e["event"] == "done"]
-    assert sorted(e["rank"] for e in done) == [0, 2]
+    assert sorted(e["rank"] for e in done) == [1, 2]
     assert all(e["batch"] == 12 and e["step"] == 12 for e in done) and done[0]["params"] == done[1]["params"]
     _identical_steps([e for e in ev if e["gen"] == 1])

@@ -24,6 +24,7 @@ ap.add_argument("--every", type=int, default=2)
 ap.add_argument("--plan", default="")
 ap.add_argument("--die-at", type=int, default=-1)
 ap.add_argument("--rule", default="keep")
+ap.add_argument("--die-rank", type=int, default=-1, help="the rank (of the first world) that dies; default the last")
 args = ap.parse_args()
 plan = {}
 for item in filter(None, args.plan.split(",")):
@@ -70,7 +71,7 @@ def train(state):
         opt.step()
         state.step = b + 1
         emit("step", batch=b, params=params(), step=opt.gradient_sync.steps)
-        if b == args.die_at and pool.gen == 0 and pool.comm.rank == pool.size - 1:
+        if b == args.die_at and pool.gen == 0 and pool.comm.rank == (pool.size - 1 if args.die_rank < 0 else args.die_rank):
             emit("die", batch=b)
             os.kill(os.getpid(), signal.SIGKILL)
         if b in plan and pool.comm.rank == 0:
