@@ -42,8 +42,8 @@ class Recipe:
 RECIPES: tuple[Recipe, ...] = (
     Recipe("topk", "topk:ratio=0.01", lr=0.5, momentum=0.0,
            note="error feedback: no SGD momentum, lr / (1 - 0.9) instead (the same step per unit gradient)"),
-    Recipe("dgc", "dgc:ratio=0.01,warmup_steps=23", lr=0.1,
-           note="SGD(momentum=0.9) as written (taken over); density warm-up of ~1 epoch of steps "
+    Recipe("dgc", "dgc:ratio=0.01,warmup_steps=23,init_ratio=0.1", lr=0.1,
+           note="SGD(momentum=0.9) as written (taken over); density warm-up 10% -> 1% over ~1 epoch of steps "
                 "(the 1000-step default suits runs of thousands of steps)"),
     Recipe("powersgd", "powersgd:rank=4"),
     Recipe("efsignsgd", "efsignsgd", lr=0.5, momentum=0.0,
