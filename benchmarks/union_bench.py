@@ -102,6 +102,15 @@ def _rank(comm, a, methods):
         if comm.rank == 0:
             print(f"[union {a.task}] {spec} {memory or ''}: {task.metric} {final:.2f}, U/k {out[-1]['U/k']:.2f}, "
                   f"ratio {st['ratio']:.1f}", file=sys.stderr, flush=True)
+            from benchmarks.union_bench import PROBE_LOG    # the registry's copy (this file may be __main__)
+            if spec.startswith("leaderprobe") and PROBE_LOG:
+                ov, cap = np.array([p[2] for p in PROBE_LOG]), np.array([p[3] for p in PROBE_LOG])
+                half = len(PROBE_LOG) // 2
+                print(f"[union {a.task}] {spec}: leader's top-k vs the sum's: overlap {ov.mean():.3f} "
+                      f"(second half {ov[half:].mean():.3f}), |S| captured {cap.mean():.3f} "
+                      f"(second half {cap[half:].mean():.3f}) over {len(PROBE_LOG)} tensor-steps",
+                      file=sys.stderr, flush=True)
+                PROBE_LOG.clear()
     return out
 
 
@@ -125,9 +134,48 @@ class Oracle(Compressor):
         return v * b.scatter(ctx.numel, info["J"], b.zeros(info["k"], b.dtype(v), v) + 1.0)
 
 
+PROBE_LOG: list = []        # (step, name, overlap, captured): appended by LeaderProbe on rank 0
+
+
+class LeaderProbe(Compressor):
+    """Diagnostic (`leaderprobe:ratio=R`, this benchmark only): trains exactly like `scalecom`
+    (the cyclic leader's top-k indices, every rank's values there, summed) but allreduces the dense
+    vectors alongside, to measure on each step how good the leader's indices I are for the sum
+    S = sum_r x_r: `overlap` = |I & J| / k with J the top-k of |S|, and `captured` =
+    sum_I |S| / sum_J |S| (1 = as good as the exact global top-k)."""
+    name = "leaderprobe"
+    summable = True
+    graph_safe = False
+    params = {"ratio": Param(float, 0.01, "fraction of entries kept", lo=0.0, hi=1.0, lo_open=True)}
+
+    def compress(self, x, state, ctx):
+        from gradcomp.compressors.scalecom import leader_of
+        b, k = ctx.backend, k_of(self.ratio, ctx.numel)
+        lead = leader_of(ctx.step, ctx.name, ctx.size)
+        mask = b.zeros(ctx.numel, b.dtype(x), x)
+        if ctx.rank == lead:
+            mask = b.scatter(ctx.numel, b.topk_abs(x, k), b.zeros(k, b.dtype(x), x) + 1.0)
+        return [x, mask], {"k": k}
+
+    def decompress(self, payload, info, ctx):     # the sums first (records I), then our own payload
+        b = ctx.backend
+        if "I" not in info:
+            info["I"] = payload[1]
+            if ctx.rank == 0:
+                s = b.abs(b.cast(payload[0], "float64"))
+                j = b.topk_abs(s, info["k"])
+                inj = b.sum(b.gather(b.cast(payload[1], "float64"), j))
+                best = b.sum(b.gather(s, j))
+                got = b.sum(s * b.cast(payload[1], "float64"))
+                PROBE_LOG.append((ctx.step, ctx.name, float(b.item(inj)) / info["k"],
+                                  float(b.item(got)) / max(float(b.item(best)), 1e-30)))
+        return payload[0] * info["I"]
+
+
 def _register_oracle():
     from gradcomp import registry
     registry.COMPRESSORS.setdefault("oracle", "benchmarks.union_bench:Oracle")
+    registry.COMPRESSORS.setdefault("leaderprobe", "benchmarks.union_bench:LeaderProbe")
 
 
 def parse_methods(text: str):
