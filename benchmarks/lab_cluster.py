@@ -111,6 +111,13 @@ class _Counting:
             def broadcast(self, x, *, root=0, name=""):
                 self._count(x)
                 return inner.broadcast(x, root=root, name=name)
+
+            native_sendrecv = getattr(inner, "native_sendrecv", False)     # gtopk's tree: point-to-point
+
+            def sendrecv(self, x, *, dest=None, source=None, count=None, name=""):
+                if dest is not None:
+                    self._count(x)
+                return inner.sendrecv(x, dest=dest, source=source, count=count, name=name)
         return Counting()
 
 

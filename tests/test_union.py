@@ -393,3 +393,19 @@ def test_sendrecv_errors_name_the_problem():
     with pytest.raises(ValueError, match="expected 4 elements from rank 0, which sent 3"):
         world(2, lambda c: c.sendrecv(np.zeros(3 if c.rank == 0 else 4, np.float32), dest=1 - c.rank,
                                       source=1 - c.rank, name="size").wait())
+
+
+def test_cluster_labs_byte_counter_keeps_gtopk_on_point_to_point():
+    """benchmarks/lab_cluster.py wraps the transport to count bytes; the wrapper must pass sendrecv
+    through (else the tree silently runs, and is counted, as allgathers)."""
+    from benchmarks.lab_cluster import _Counting
+    n, k = 200, 5
+
+    def fn(comm):
+        counted = _Counting(comm)
+        sync = gradcomp.GradientSync(f"gtopk:ratio={k / n}", comm=counted)
+        sync.step({"w": np.random.default_rng(comm.rank).standard_normal(n).astype(np.float32)})
+        return counted.native_sendrecv, sync.stats()["wire_sent"], counted.nbytes
+
+    for native, wire, handed in world(4, fn):
+        assert native and wire == 2 * k * 8 and handed >= wire
