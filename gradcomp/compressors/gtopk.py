@@ -14,7 +14,8 @@ merge=tree (default): the paper's pairwise merge. With m = 2^floor(log2 P): rank
   result to r + m. Every rank ends with the same k entries G (the sum of the ranks' values that
   survived every merge on their way), and the average is G / P (U/k = 1). The exchange at each
   level is the paper's tree (rank r merging rank r + 2^j's set) run on both partners at once
-  (recursive doubling), so no broadcast of the result is needed: per rank, log2 m (+2 at
+  (recursive doubling: this schedule is ours; the merged result is the paper's tree's), so no
+  broadcast of the result is needed: per rank, log2 m (+2 at
   non-powers of two) messages of k (index, value) pairs instead of the (P-1) payloads of an
   allgather. Messages go by `Communicator.sendrecv`; on a transport without point-to-point
   (`native_sendrecv = False`: Horovod) each level runs as an allgather and stats() counts that.
