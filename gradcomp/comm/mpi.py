@@ -27,11 +27,12 @@ cores shared by the local ranks), and polls otherwise, where a spinning worker w
 threads' core (measurements: docs/benchmarks.md part 4).
 The input must not be modified until `wait()` returns (as with any nonblocking MPI call).
 Wire format (bytes are the payload's own, nothing is widened on the host path):
-  allreduce   a sum (SUM); with 2 ranks a pairwise exchange (MPI_Isend/MPI_Irecv of the whole array
-              both ways at once, then the sum locally), otherwise MPI_Iallreduce (see `_sum`:
-              libnbc's default for fewer than 4 ranks or in place is a binomial tree, which sends
-              the data over the links one way after the other; allreduce_algorithm="mpi" keeps
-              MPI_Iallreduce always). float16 and bfloat16 use user-defined sum ops (Open MPI 4.1 has
+  allreduce   MPI_Iallreduce(SUM). libnbc's default for fewer than 4 ranks or in place is a
+              binomial tree, which sends the data over the links one way after the other, so in a
+              world of 2 ranks gradcomp switches libnbc to recursive doubling (process-wide, through
+              MPI_T; `nbc_recursive_doubling`), or else sums 2 ranks by its own pairwise exchange;
+              with 4+ ranks in-place sums get a separate buffer (`_sum`). allreduce_algorithm="mpi"
+              leaves MPI's choice alone, "pairwise" skips the MPI_T switch. float16 and bfloat16 use user-defined sum ops (Open MPI 4.1 has
               no half-precision SUM) that add in float32 and round once to nearest-even, so 2 bytes
               per element travel. Integer sums wrap like numpy (int8/uint8 through a numpy op too:
               Open MPI 4.1's AVX SUM saturates them). On the CUDA-aware path those four dtypes are
@@ -101,10 +102,48 @@ def wait_request(req, timeout, what: str, poll_max: float = 5e-4):
 
 # Open MPI's libnbc (4.1) runs MPI_Iallreduce as a binomial reduce-to-root then broadcast whenever
 # there are fewer than 4 ranks or the call is in place: each rank's data crosses the links one
-# after the other, twice the time of a bandwidth-optimal allreduce. The transport therefore sums
-# large arrays of 2 ranks with its own pairwise exchange, and hands libnbc a separate send buffer
-# when there are 4 or more ranks (where it then picks Rabenseifner's reduce-scatter + allgather).
+# after the other, twice the time of a bandwidth-optimal allreduce. So (allreduce_algorithm="auto"):
+# in a world of 2 ranks the transport switches libnbc to recursive doubling (`nbc_recursive_doubling`:
+# one exchange both ways at once, optimal for 2 ranks, order-preserving, any count, in place);
+# where that is not possible, 2 ranks sum by the pairwise exchange of `_sum`; with 4 or more ranks
+# an in-place sum gets a separate receive buffer (libnbc then picks Rabenseifner's algorithm).
 _PAIR_TAG = 7301                      # our communicator is private: only its worker sends on it
+_NBC_VAR, _NBC_RDBL = "coll_libnbc_iallreduce_algorithm", 4
+
+
+def nbc_recursive_doubling(MPI) -> bool:
+    """Make Open MPI's libnbc run every MPI_Iallreduce of this process by recursive doubling (its
+    MCA variable coll_libnbc_iallreduce_algorithm=4, written through the MPI_T tool interface);
+    True when that is in effect. Process-wide: call it only where every rank does (the same value
+    on all ranks keeps their algorithms equal). A value the user chose (OMPI_MCA_ environment,
+    `mpirun --mca`, or anything but the default 0) is left alone; other MPIs: False."""
+    env = os.environ.get("OMPI_MCA_" + _NBC_VAR)
+    if env is not None:
+        return env.strip() in (str(_NBC_RDBL), "recursive_doubling")
+    try:
+        lib = ctypes.CDLL(None)
+        init, get_index = lib.MPI_T_init_thread, lib.MPI_T_cvar_get_index
+        alloc, read, write, free = (lib.MPI_T_cvar_handle_alloc, lib.MPI_T_cvar_read, lib.MPI_T_cvar_write,
+                                    lib.MPI_T_cvar_handle_free)
+    except (AttributeError, OSError):
+        return False
+    provided, idx, handle, count, cur = ctypes.c_int(), ctypes.c_int(), ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int(-1)
+    if init(ctypes.c_int(MPI.Query_thread()), ctypes.byref(provided)) != 0:
+        return False
+    if get_index(_NBC_VAR.encode(), ctypes.byref(idx)) != 0:
+        return False
+    if alloc(idx, None, ctypes.byref(handle), ctypes.byref(count)) != 0 or count.value != 1:
+        return False
+    try:
+        if read(handle, ctypes.byref(cur)) != 0 or cur.value not in (0, _NBC_RDBL):
+            return False
+        if cur.value == _NBC_RDBL:
+            return True
+        want = ctypes.c_int(_NBC_RDBL)
+        return write(handle, ctypes.byref(want)) == 0 and read(handle, ctypes.byref(cur)) == 0 \
+            and cur.value == _NBC_RDBL
+    finally:
+        free(ctypes.byref(handle))
 
 
 # ------------------------------------------------------------------ half-precision sums
@@ -486,10 +525,13 @@ class MPICommunicator(Communicator):
             raise ValueError(f"progress must be 'auto', 'poll' or 'block', got {progress!r}")
         if progress == "auto":
             progress = "block" if cores_per_rank(self.local_size) >= 2 else "poll"
-        if allreduce_algorithm not in ("auto", "mpi"):
-            raise ValueError(f"allreduce_algorithm must be 'auto' (gradcomp's pairwise exchange for 2 ranks, "
-                             f"see _sum) or 'mpi' (MPI_Iallreduce as the library picks), got {allreduce_algorithm!r}")
-        self.pairwise = allreduce_algorithm == "auto"
+        if allreduce_algorithm not in ("auto", "pairwise", "mpi"):
+            raise ValueError(f"allreduce_algorithm must be 'auto', 'pairwise' or 'mpi' (see the comment above "
+                             f"nbc_recursive_doubling in gradcomp/comm/mpi.py), got {allreduce_algorithm!r}")
+        self.allreduce_algorithm = allreduce_algorithm
+        self.pairwise = allreduce_algorithm != "mpi"          # gradcomp picks how large sums travel
+        self.nbc_rdbl = allreduce_algorithm == "auto" and MPI.COMM_WORLD.Get_size() == 2 and \
+            nbc_recursive_doubling(MPI)
         self._cuda_aware, self.progress, self.poll_max = cuda_aware, progress, poll_max
         self.broken = None
         self._lock = threading.Lock()
@@ -555,14 +597,15 @@ class MPICommunicator(Communicator):
 
     def _sum(self, send, out, dt, op, host=True):
         """Sum over ranks into `out` (send is MPI.IN_PLACE: `out` holds this rank's data), run to
-        completion by `_complete`. With 2 ranks (host memory): one pairwise exchange, both
-        directions at once, then `op` locally; the op is commutative, so both ranks hold the same
-        bits (and the same as MPI_Allreduce's). With 4 or more ranks an in-place sum goes through a
-        separate receive buffer, so that libnbc may pick its bandwidth-optimal algorithm (see
-        _PAIR_TAG's comment); device buffers and 3 ranks: MPI_Iallreduce as it is."""
+        completion by `_complete`. MPI_Iallreduce as it is where libnbc already runs recursive
+        doubling (`nbc_rdbl`), for device buffers and 3 ranks. Otherwise with 2 ranks (host memory):
+        one pairwise exchange, both directions at once, then `op` locally; the op is commutative, so
+        both ranks hold the same bits (and the same as MPI_Allreduce's). With 4 or more ranks an
+        in-place sum goes through a separate receive buffer, so that libnbc may pick its
+        bandwidth-optimal algorithm (see the comment above nbc_recursive_doubling)."""
         MPI, comm = self.MPI, self.comm
         inplace = send is MPI.IN_PLACE
-        if not host or not self.pairwise or self.size == 3:
+        if not host or not self.pairwise or self.size == 3 or (self.size == 2 and self.nbc_rdbl):
             self._complete(lambda: comm.Iallreduce(send if inplace else [send, dt], [out, dt], op=op))
             return
         if self.size == 2:

@@ -283,8 +283,13 @@ def check_mpi_sum_paths(comm):
     from gradcomp.comm.mpi import MPICommunicator, _HOST, _MPI_TYPE, _sum_op, f32_to_bf16
     MPI, size, rank = comm.MPI, comm.size, comm.rank
     comms = [comm] + [MPICommunicator(timeout=INNER_TIMEOUT, **kw) for kw in
-                      ({"allreduce_algorithm": "mpi"}, {"threaded": False}, {"progress": "poll"})]
+                      ({"allreduce_algorithm": "mpi"}, {"allreduce_algorithm": "pairwise"},
+                       {"allreduce_algorithm": "pairwise", "threaded": False}, {"threaded": False},
+                       {"progress": "poll"})]
     ok(comm.pairwise, "allreduce_algorithm 'auto' did not choose gradcomp's own sum paths")
+    if "Open MPI" in MPI.Get_library_version() and "OMPI_MCA_coll_libnbc_iallreduce_algorithm" not in os.environ:
+        # a world of 2 ranks: libnbc switched to recursive doubling through MPI_T (else: not touched)
+        ok(comm.nbc_rdbl == (MPI.COMM_WORLD.Get_size() == 2), f"nbc_rdbl={comm.nbc_rdbl} with {size} ranks")
     try:
         for dt in ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int32", "int64"):
             for n in (0, 1, 7, 70001):
@@ -316,7 +321,7 @@ def check_mpi_sum_paths(comm):
                     arr = x.view(ml_dtypes.bfloat16) if dt == "bfloat16" and ml_dtypes else x
                     if dt == "bfloat16" and not ml_dtypes:
                         continue
-                    what = f"sum path {i} ({c.pairwise=}, {c.threaded=}, {c.progress}) {dt} n={n}"
+                    what = f"sum path {i} ({c.allreduce_algorithm}, {c.nbc_rdbl=}, {c.threaded=}, {c.progress}) {dt} n={n}"
                     same(c.allreduce(arr, name="sum.plain").wait(), what)
                     ok(np.array_equal(arr.view(np.uint8), x.view(np.uint8)), f"{what}: input modified")
                     same(c.allreduce(arr.copy(), name="sum.donated", donate=True).wait(), what + " donated")
