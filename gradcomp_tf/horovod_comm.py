@@ -1,7 +1,7 @@
 """HorovodTFCommunicator: gradcomp's Communicator over horovod.tensorflow's collectives.
 
-Only for a Horovod build with TensorFlow support (older TF: Horovod 0.28.1 does not build against
-TF >= 2.16). TF payloads stay TF tensors on their device and go straight to Horovod:
+Only for a Horovod build with TensorFlow support (Horovod 0.28.1 builds against TF <= 2.19:
+mpi/build_horovod_tf.sh, in a venv of its own; not against TF 2.20+). TF payloads stay TF tensors on their device and go straight to Horovod:
   allreduce  hvd.allreduce(x, op=hvd.Sum)
   allgather  hvd.allgather of the per-rank lengths, then of the payloads; split by the lengths
   broadcast  hvd.broadcast(x, root_rank)

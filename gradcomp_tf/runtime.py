@@ -7,7 +7,8 @@
 Transport choice (`backend=` argument, else GRADCOMP_BACKEND through gradcomp.config):
   a Communicator instance   used as is (e.g. a LocalWorld rank in tests)
   "horovod"                 Horovod's TensorFlow collectives (gradcomp_tf/horovod_comm.py); needs a
-                            Horovod build with TensorFlow (Horovod 0.28.1 does not build against TF >= 2.16)
+                            Horovod build with TensorFlow (Horovod 0.28.1 builds against TF <= 2.19 with
+                            mpi/build_horovod_tf.sh, in a venv of its own; not against TF 2.21)
   "auto"                    Horovod-TF if it is initialized, or importable under horovodrun; else
                             gradcomp.comm.make_communicator("auto"): the launcher's transport (MPI
                             under mpirun, Horovod's torch collectives under horovodrun when only those
@@ -64,7 +65,8 @@ def make_comm(backend=None, timeout="default") -> Communicator:
                                                  or (under_hvdrun and _horovod_tf(False) is not None))):
         if _horovod_tf(False) is None:
             raise RuntimeError("GRADCOMP_BACKEND=horovod: horovod.tensorflow is not importable. Horovod 0.28.1 "
-                               "does not build against TensorFlow >= 2.16; use GRADCOMP_BACKEND=mpi (mpi4py) "
+                               "does not build against TensorFlow 2.20+ (mpi/build_horovod_tf.sh builds it with "
+                               "TF 2.19 in a venv of its own); or use GRADCOMP_BACKEND=mpi (mpi4py) "
                                "with `mpirun -np N python train.py` instead.")
         from gradcomp_tf.horovod_comm import HorovodTFCommunicator
         return check_world(HorovodTFCommunicator(), launch, name)

@@ -20,7 +20,7 @@ from gradcomp_tf.tape import reset_shared  # noqa: E402
 pytestmark = pytest.mark.tf
 LR = 0.1
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-# Horovod's own TF Compression class, as horovod.tensorflow defines it (it is not built for TF 2.21 here)
+# Horovod's own TF Compression class, as horovod.tensorflow defines it (not built for the main environment's TF 2.21)
 HorovodFP16 = type("FP16Compressor", (), {"__module__": "horovod.tensorflow.compression"})
 
 
