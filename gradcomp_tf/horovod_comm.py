@@ -10,6 +10,8 @@ called eagerly, so every Handle is already done.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -37,6 +39,12 @@ class HorovodTFCommunicator(Communicator):
         return f"gradcomp.{name or 'op'}.{self._n}"
 
     @staticmethod
+    def _scope(x):
+        """numpy inputs (configuration checks, which Keras may reach while tracing the train step in
+        the optimizer's build) are answered eagerly, outside any graph being built."""
+        return tf.init_scope() if isinstance(x, np.ndarray) else contextlib.nullcontext()
+
+    @staticmethod
     def _in(x):
         if isinstance(x, np.ndarray):
             return tf.convert_to_tensor(x), True
@@ -47,18 +55,21 @@ class HorovodTFCommunicator(Communicator):
         return t.numpy() if was_np else t
 
     def allreduce(self, x, *, name=""):
-        t, was_np = self._in(x)
-        return DoneHandle(self._out(self.hvd.allreduce(t, op=self.hvd.Sum, name=self._name(name)), was_np))
+        with self._scope(x):
+            t, was_np = self._in(x)
+            return DoneHandle(self._out(self.hvd.allreduce(t, op=self.hvd.Sum, name=self._name(name)), was_np))
 
     def allgather(self, x, *, name=""):
-        t, was_np = self._in(x)
-        t = tf.reshape(t, [-1])
-        n = tf.constant([int(t.shape[0])], tf.int64)
-        sizes = self.hvd.allgather(n, name=self._name(name + ".sizes")).numpy().tolist()
-        allx = self.hvd.allgather(t, name=self._name(name))
-        parts = tf.split(allx, [int(s) for s in sizes]) if len(sizes) > 1 else [allx]
-        return DoneHandle([self._out(p, was_np) for p in parts])
+        with self._scope(x):
+            t, was_np = self._in(x)
+            t = tf.reshape(t, [-1])
+            n = tf.reshape(tf.cast(tf.size(t), tf.int64), [1])
+            sizes = self.hvd.allgather(n, name=self._name(name + ".sizes"))
+            allx = self.hvd.allgather(t, name=self._name(name))
+            parts = tf.split(allx, sizes, num=self.size) if self.size > 1 else [allx]
+            return DoneHandle([self._out(p, was_np) for p in parts])
 
     def broadcast(self, x, *, root=0, name=""):
-        t, was_np = self._in(x)
-        return DoneHandle(self._out(self.hvd.broadcast(t, root_rank=root, name=self._name(name)), was_np))
+        with self._scope(x):
+            t, was_np = self._in(x)
+            return DoneHandle(self._out(self.hvd.broadcast(t, root_rank=root, name=self._name(name)), was_np))
