@@ -44,3 +44,27 @@ def test_gradcomp_tf_compression_inside_horovods_own_tf_optimizer_and_tape():
     for n in names:
         assert any(ln.startswith(f"CHECK {n} PASS") for ln in checks), (n, "\n".join(checks) or out[-3000:])
     print(*[ln.strip() for ln in text.splitlines() if ln.strip().startswith("INFO ")])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_horovods_keras_example_on_gradcomp_tf_over_horovods_tf_transport():
+    """tensorflow2_keras_mnist (only the import changed) under the venv's horovodrun: gradcomp_tf picks
+    Horovod's TF collectives as its transport (gradcomp_tf/horovod_comm.py), in modes none/topk/localsgd."""
+    py, hvdrun = os.path.join(VENV, "bin", "python"), os.path.join(VENV, "bin", "horovodrun")
+    if not (os.path.exists(py) and os.path.exists(hvdrun)):
+        pytest.skip(f"no Horovod-TF venv at {VENV} (build it: bash mpi/build_horovod_tf.sh)")
+    env = dict(os.environ, PYTHONPATH=ROOT, PATH=os.path.join(VENV, "bin") + os.pathsep + os.environ["PATH"],
+               OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2", GRADCOMP_BACKEND="", GRADCOMP_COMPRESSOR="",
+               GRADCOMP_MEMORY="", GRADCOMP_SYNC="", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [py, hvdrun, "-np", "2", py, os.path.join(HERE, "mpi_scripts", "hvd_examples.py"), "tensorflow2_keras_mnist",
+           "none", "topk", "localsgd"]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"horovodrun hvd_examples.py timed out after {TIMEOUT:.0f} s: {str(e.stdout)[-2000:]}")
+    text = re.sub(r"\[\d+,\d+\]<std\w+>:", "\n", r.stdout + r.stderr)
+    assert r.returncode == 0, text[-3000:]
+    checks = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("CHECK ")]
+    assert len(checks) == 9 and all(" PASS" in ln for ln in checks), "\n".join(checks) or text[-3000:]
+    assert "TRANSPORT horovod-tf" in text, text[-2000:]

@@ -133,6 +133,9 @@ for mode in modes:
         report(mode, "params_equal", equal_on_ranks(flat))
         report(mode, "bytes_sent", st["bytes_sent_total"] > 0, st["bytes_sent_total"])
 if rank() == 0:
+    engine = ("torch.distributed" if example == "ddp_comm_hook" else
+              getattr(gc.runtime.comm() if is_tf else gc.communicator(), "engine", "?"))
+    print(f"TRANSPORT {engine}", flush=True)
     print(f"DONE {example} {' '.join(modes)}", flush=True)
 if example == "ddp_comm_hook":
     import torch.distributed as dist
