@@ -77,3 +77,31 @@ def test_cuda_synchronisations_per_step_do_not_grow_with_buckets(spec):
                 torch.cuda.set_sync_debug_mode("default")
         syncs[nb] = sum("synchroniz" in str(x.message) for x in w)
     assert syncs[12] == syncs[1], syncs
+
+
+@pytest.mark.parametrize("spec", ["none", "randomk:ratio=0.1", "topk:ratio=0.1", "powersgd:rank=2"])
+def test_cpu_finiteness_checks_read_the_host_once_per_bucket_not_per_tensor(spec):
+    """Every tensor-to-host read torch makes (aten _local_scalar_dense: item(), bool(), float())
+    during a one-bucket step: as many for 12 tensors as for 3. The CPU finiteness checks test all of a
+    bucket's sums at once (Backend.count_nonfinite_all), not one bool() per tensor."""
+    torch = pytest.importorskip("torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.n += func.overloadpacket.__name__ == "_local_scalar_dense"
+            return func(*args, **(kwargs or {}))
+
+    def reads(count):
+        g = torch.Generator().manual_seed(1)
+        grads = {f"t{i}": torch.randn(8, 40 + i, generator=g) for i in range(count)}
+        sync = gradcomp.GradientSync(spec, seed=0)
+        sync.step(grads)                      # first sight: state created
+        Reads.n = 0
+        with Reads():
+            sync.step(grads)
+        return Reads.n
+
+    assert reads(12) == reads(3)
