@@ -219,6 +219,14 @@ def _run_method(m, a, torch, workloads, init, x, y, loss_fn, world, gc_comm, gc_
     if st0 is not None:           # gradcomp's own accounting (gradcomp/traffic.py) over the timed steps
         st = opt.stats()
         d = {k: st.get(k, 0) - st0.get(k, 0) for k in ("wire_sent", "wire_dense", "bytes_recv", "union", "union_kept")}
+        pol = st.get("policy", {}).get("bytes_sent", 0) - st0.get("policy", {}).get("bytes_sent", 0)
+        if pol:   # a sync policy's parameter averaging: ring allreduces of what it handed to collectives
+            from gradcomp.traffic import ring_allreduce
+            size = world.size if world is not None else 1
+            d["wire_sent"] += ring_allreduce(pol, size)
+            d["bytes_recv"] += ring_allreduce(pol, size)
+            if not d["wire_dense"]:   # no gradient averaging: compare with a dense fp32 allreduce every step
+                d["wire_dense"] = ring_allreduce(4.0 * numel * a.steps, size)
         out.update(wire_per_step=d["wire_sent"] / a.steps, recv_per_step=d["bytes_recv"] / a.steps,
                    ratio=d["wire_dense"] / d["wire_sent"] if d["wire_sent"] else None,
                    union_k=d["union"] / d["union_kept"] if d["union_kept"] else None)
