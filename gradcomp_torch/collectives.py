@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gradcomp.comm.base import ThenHandle
 from gradcomp import horovod_api as _api
 from gradcomp.horovod_api import Adasum, Average, Max, Min, Product, Sum  # noqa: F401
 from gradcomp_torch import runtime
@@ -55,20 +56,8 @@ def _compression(compression):
     return None if spec == "none" else Compression.get(spec)
 
 
-class _Async:
-    """Horovod's handle: a transport Handle plus how to turn its result into tensors."""
-
-    def __init__(self, handle, finish):
-        self._h, self._finish, self._done, self._value = handle, finish, False, None
-
-    def done(self) -> bool:
-        return self._done or bool(self._h.done())
-
-    def wait(self):
-        if not self._done:
-            self._value = self._finish(self._h.wait())
-            self._done = True
-        return self._value
+# Horovod's handle: a transport Handle plus how to turn its result into tensors (computed once).
+_Async = ThenHandle
 
 
 def poll(handle) -> bool:
