@@ -91,13 +91,12 @@ class DGCMemory(MomentumOwner, Memory):
             return {"momentum": u, "residual": b.zeros_like(x)}
         mask_u = self.masking == "on" or (self.masking == "final" and not ctx.memo.get("warmup"))
         idx = ctx.memo.get("sent_idx")
-        if idx is not None:
-            return {"momentum": b.zero_at(u, idx) if mask_u else u, "residual": b.zero_at(x, idx)}
-        if local is None:
-            own = ctx.memo.get("own_decode_idx")
-            if own is None:
+        if idx is None and local is None:     # the pipeline skipped the local decode: x was sent at these
+            idx = ctx.memo.get("own_decode_idx")
+            if idx is None:
                 raise RuntimeError("dgc memory: update() needs this rank's decoded payload; call it through "
                                    "GradientSync")
-            local = b.scatter(ctx.numel, own, b.gather(x, own))    # what decompress would have returned
+        if idx is not None:
+            return {"momentum": b.zero_at(u, idx) if mask_u else u, "residual": b.zero_at(x, idx)}
         keep = 1 - b.cast(b.abs(local) > 0, b.dtype(x))
         return {"momentum": u * keep if mask_u else u, "residual": x * keep}
