@@ -31,6 +31,7 @@ from gradcomp_tf.runtime import init, local_rank, rank, size
 from gradcomp_tf.sync_view import KerasParamView
 from gradcomp_tf.tape import DistributedGradientTape, PartialDistributedGradientTape
 from gradcomp_tf.keras_io import load_model
+from gradcomp_tf.sync_batchnorm import SyncBatchNormalization
 
 __all__ = ["allgather_object", "shutdown", "init", "rank", "size", "local_rank", "broadcast_variables", "broadcast_exchange_state", "DistributedGradientTape",
            "DistributedOptimizer", "Exchange", "Compression", "GradcompState", "rank_path", "rank_name",
@@ -38,4 +39,4 @@ __all__ = ["allgather_object", "shutdown", "init", "rank", "size", "local_rank",
            "Average", "Sum", "Adasum", "Min", "Max", "Product", "allreduce", "grouped_allreduce", "allgather",
            "broadcast", "broadcast_object", "barrier", "join", "is_initialized", "local_size", "cross_rank",
            "cross_size", "mpi_built", "gloo_built", "nccl_built", "mpi_enabled", "cuda_built", "rocm_built",
-           "alltoall", "PartialDistributedGradientTape", "load_model"]
+           "alltoall", "PartialDistributedGradientTape", "load_model", "SyncBatchNormalization"]

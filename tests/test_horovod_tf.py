@@ -255,3 +255,31 @@ def test_alltoall_single_process_eager_and_traced():
     assert np.array_equal(traced(t).numpy(), t.numpy() * 2)
     with pytest.raises(ValueError, match="splits"):
         hvd.alltoall(t, splits=[2])
+
+
+def test_sync_batchnorm_equals_batchnorm_on_concatenated_batch():
+    """2 ranks, uneven batches: outputs, input gradients of the summed loss and moving stats equal BN's."""
+    xs = [np.random.default_rng(r).normal(size=(3 + r, 4)).astype(np.float32) for r in range(2)]
+    w = tf.range(1.0, 5.0) ** 2
+
+    def fn(comm):
+        layer = hvd.SyncBatchNormalization(comm=comm)
+        x = tf.constant(xs[comm.rank])
+        with tf.GradientTape() as t:
+            t.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * w)
+        return y.numpy(), t.gradient(loss, x).numpy(), layer.moving_mean.numpy(), layer.moving_variance.numpy()
+
+    out = gradcomp.LocalWorld(2, timeout=120).run(fn)
+    bn = keras.layers.BatchNormalization()
+    x = tf.constant(np.concatenate(xs))
+    with tf.GradientTape() as t:
+        t.watch(x)
+        y = bn(x, training=True)
+        loss = tf.reduce_sum(y * w)
+    np.testing.assert_allclose(np.concatenate([o[0] for o in out]), y.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([o[1] for o in out]), t.gradient(loss, x).numpy(), atol=1e-5)
+    for o in out:
+        np.testing.assert_allclose(o[2], bn.moving_mean.numpy(), atol=1e-5)
+        np.testing.assert_allclose(o[3], bn.moving_variance.numpy(), atol=1e-5)
