@@ -74,14 +74,7 @@ class TopKCompressor(SparseCompressor):
         thr = b.cast(b.kth_largest_abs(b.gather(x, sidx), ks), b.dtype(x)) * self.slack
         cand = b.abs_ge_indices(x, thr)
         m = b.numel(cand)
-        if 4 * m > n:                  # t is useless (t = 0 on a row-sparse gradient): the nonzeros
-            cand = b.nonzero(x)
-            m = b.numel(cand)
-            if m < k:                  # every nonzero, padded with the first zeros (ties among zeros)
-                zeros = b.slice(b.nonzero(b.greater_equal(-b.abs(x), 0.0)), 0, k - m)
-                ones = b.zeros(k - m, "float32", x) + 1.0
-                return b.nonzero(b.cast(b.abs(x), "float32") + b.scatter(n, zeros, ones))
-        if m < k or 4 * m > n:         # the estimate overshot, or x is dense and t useless: exact
+        if m < k or 4 * m > n:         # the estimate overshot, or selects nearly everything: exact
             return b.sort(b.topk_abs(x, k))
         if m > k:
             cand = b.gather(cand, b.topk_abs(b.gather(x, cand), k))
