@@ -62,4 +62,4 @@ for b in range(start, args.batches):
 with torch.no_grad():
     params = float(sum(p.double().sum() for p in model.parameters()))
 emit(event="done", batch=args.batches, step=opt.gradient_sync.steps, params=params)
-print("DONE", comm.rank, flush=True)
+print(f"DONE {comm.rank}", flush=True)   # one write: two ranks share the stdout
