@@ -72,6 +72,12 @@ def train(state):
         state.step = b + 1
         emit("step", batch=b, params=params(), step=opt.gradient_sync.steps)
         if b == args.die_at and pool.gen == 0 and pool.comm.rank == (pool.size - 1 if args.die_rank < 0 else args.die_rank):
+            # only a standby that is ready when the failure is seen replaces the dead rank (otherwise the world
+            # shrinks, by design): on a loaded machine a standby can still be importing torch at batch 5
+            t_wait = time.time() + 45    # inside the survivors' 60 s collective timeout
+            while time.time() < t_wait and not all(pool.store.check([gcp.P + f"ready/{r}"])
+                                                   for r in range(pool.max_size) if r not in pool.members):
+                time.sleep(0.05)
             emit("die", batch=b)
             os.kill(os.getpid(), signal.SIGKILL)
         if b in plan and pool.comm.rank == 0:
