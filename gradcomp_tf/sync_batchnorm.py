@@ -1,9 +1,11 @@
 """SyncBatchNormalization: Keras BatchNormalization whose training-mode batch statistics are those of
-the union of all ranks' batches (Horovod's `hvd.SyncBatchNormalization`). DRAFT, UNTESTED (issue 16 item 8).
+the union of all ranks' batches (Horovod's `hvd.SyncBatchNormalization`).
 
 Ours: one differentiable Sum allreduce of [per-channel sum, per-channel sum of squares, count] per
 forward pass (its gradient is the Sum allreduce of the upstream gradient); inference mode or one rank
-is keras.layers.BatchNormalization unchanged. `comm=` picks a communicator (default: gradcomp_tf.init()'s).
+is keras.layers.BatchNormalization unchanged.
+The variance is E[x^2] - E[x]^2 (one collective, clamped at 0): less exact than a two-pass variance when
+the mean is large against the spread. `comm=` picks a communicator (default: gradcomp_tf.init()'s).
 """
 from __future__ import annotations
 
