@@ -16,6 +16,7 @@ allgather, broadcast, alltoall (and their *_async forms with poll/synchronize), 
 local_size, cross_rank, ... are here (gradcomp_torch/collectives.py; SyncBatchNorm: sync_batchnorm.py;
 README "Horovod scripts: change the import" says what is and is not supported).
 """
+from gradcomp_torch import _pg_pin  # noqa: F401  (first: see its docstring)
 from gradcomp.pipeline import NonFiniteGradientError
 from gradcomp_torch.checkpoint import load_checkpoint, save_checkpoint
 from gradcomp_torch.collectives import allgather_object, start_timeline, stop_timeline  # noqa: F401
