@@ -47,3 +47,13 @@ __all__ = ["allgather_object", "start_timeline", "stop_timeline", "init", "shutd
            "ccl_built", "cuda_built", "rocm_built", "allreduce_async", "allreduce_async_", "allgather_async",
            "broadcast_async", "broadcast_async_", "alltoall", "alltoall_async", "grouped_allreduce_",
            "grouped_allreduce_async", "grouped_allreduce_async_", "poll", "synchronize", "SyncBatchNorm"]
+
+
+def __getattr__(name):
+    """`hvd.elastic` (Horovod's namespace: run, TorchState, ElasticSampler, ObjectState) is
+    gradcomp_torch.elastic, imported on first use because it imports Horovod where installed."""
+    if name == "elastic":
+        import importlib
+        return importlib.import_module("gradcomp_torch.elastic")
+    raise AttributeError(f"module 'gradcomp_torch' has no attribute {name!r}")
+

@@ -54,10 +54,16 @@ try:                                                   # Horovod is optional
     from horovod.torch.elastic import run as _hvd_run
     from horovod.torch.elastic.state import StateHandler as _StateHandler
     from horovod.torch.elastic.state import TorchState as _HvdTorchState
+    from horovod.torch.elastic import ElasticSampler  # noqa: F401  (Horovod's, re-exported)
+    from horovod.common.elastic import ObjectState  # noqa: F401
 except Exception as _e:  # noqa: BLE001 - absent or broken build: the Horovod parts raise on use
     _hvd, _HVD_ERROR = None, _e
     _HvdTorchState = _StateHandler = object
     HostsUpdatedInterrupt = None
+
+    def ElasticSampler(*args, **kwargs):  # noqa: N802 - Horovod's name; needs Horovod
+        _need_horovod()
+    ObjectState = ElasticSampler
 else:
     _HVD_ERROR = None
 

@@ -89,6 +89,7 @@ CELLS = [
     ("pytorch_mnist", "torchrun", [pytest.mark.slow]),
     ("pytorch_imagenet_resnet50", "mpirun", [pytest.mark.slow]),
     ("pytorch_mnist", "horovodrun", [pytest.mark.slow]),
+    ("pytorch_mnist_elastic", "horovodrun-elastic", []),
     ("tensorflow2_mnist", "mpirun", [pytest.mark.slow, pytest.mark.tf]),
     ("tensorflow2_keras_mnist", "mpirun", [pytest.mark.slow, pytest.mark.tf]),
 ]
@@ -101,10 +102,18 @@ def _launch_cmd(launcher, script_args):
             pytest.skip("needs mpirun and mpi4py")
         return [exe, "--oversubscribe", "--allow-run-as-root", "-np", "2", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
                 "-x", "TF_CPP_MIN_LOG_LEVEL", sys.executable] + script_args
-    if launcher == "horovodrun":
+    if launcher.startswith("horovodrun"):
         exe = shutil.which("horovodrun")
         if exe is None or importlib.util.find_spec("horovod") is None or importlib.util.find_spec("horovod.torch") is None:
             pytest.skip("needs horovodrun and horovod.torch (bash mpi/build_horovod.sh)")
+        if launcher == "horovodrun-elastic":          # Horovod Elastic: host discovery, 1..2 workers
+            import tempfile
+            disc = os.path.join(tempfile.mkdtemp(prefix="gc-hvd-elastic-"), "discover.sh")
+            with open(disc, "w") as f:
+                f.write("#!/bin/sh\necho localhost:2\n")
+            os.chmod(disc, 0o755)
+            return [exe, "-np", "2", "--min-np", "1", "--max-np", "2", "--network-interface", "lo",
+                    "--host-discovery-script", disc, sys.executable] + script_args
         return [exe, "-np", "2", sys.executable] + script_args
     import socket
     with socket.socket() as s:
@@ -132,7 +141,7 @@ def test_horovod_example_runs_every_mode_with_changed_import(example, launcher):
         pytest.fail(f"{e} (killed)")
     assert r.returncode == 0, r.output[-3000:]
     import re
-    text = re.sub(r"\[\d+,\d+\]<std\w+>:", "\n", r.output)
+    text = re.sub(r"\[\d+(?:,\d+)?\]<std\w+>:", "\n", r.output)    # mpirun [1,0]<stdout>:, elastic [0]<stdout>:
     checks = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("CHECK ")]
     assert f"DONE {example} {' '.join(MODES)}" in text, text[-3000:]
     bad = [ln for ln in checks if " PASS" not in ln]

@@ -378,3 +378,18 @@ def test_elastic_run_finalizes_when_training_returns(monkeypatch):
     assert r0 == r1 == "done"
     for x, y in zip(a0, a1):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_hvd_elastic_namespace_after_changing_the_import():
+    """`import gradcomp_torch as hvd` then `hvd.elastic.run` / `hvd.elastic.TorchState` (Horovod's
+    pytorch_mnist_elastic): the attribute exists without importing gradcomp_torch.elastic by hand, and
+    Horovod's ElasticSampler / ObjectState are there as well (re-exported, or raising without Horovod)."""
+    import subprocess
+    import sys
+    code = ("import gradcomp_torch as hvd; e = hvd.elastic; "
+            "print(all(callable(getattr(e, n)) for n in ('run', 'TorchState', 'ElasticSampler', 'ObjectState')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and r.stdout.strip().endswith("True"), r.stdout + r.stderr
+    import gradcomp_torch as hvd
+    with pytest.raises(AttributeError, match="no attribute 'elasticc'"):
+        hvd.elasticc
