@@ -17,6 +17,7 @@ are here (gradcomp_tf/collectives.py); PartialDistributedGradientTape (tape.py),
 (save one file per rank: `gct.rank_path(prefix)`). What runs where: gradcomp_tf/engine.py.
 """
 from gradcomp_tf import callbacks
+from gradcomp_tf import elastic  # noqa: F401  (hvd.elastic: refused with a clear error, see the module)
 from gradcomp_tf.broadcast import broadcast_exchange_state, broadcast_variables
 from gradcomp_tf.collectives import allgather_object, alltoall, shutdown  # noqa: F401
 from gradcomp_tf.collectives import (Adasum, Average, Max, Min, Product, Sum, allgather, allreduce,  # noqa: F401

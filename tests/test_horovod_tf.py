@@ -283,3 +283,13 @@ def test_sync_batchnorm_equals_batchnorm_on_concatenated_batch():
     for o in out:
         np.testing.assert_allclose(o[2], bn.moving_mean.numpy(), atol=1e-5)
         np.testing.assert_allclose(o[3], bn.moving_variance.numpy(), atol=1e-5)
+
+
+def test_hvd_elastic_names_fail_with_a_clear_error():
+    """Horovod's TF elastic API is not supported: each name raises on use, saying what to do instead,
+    rather than a Horovod elastic script running with residuals of the old world."""
+    for name in ("run", "TensorFlowKerasState", "CommitStateCallback", "UpdateEpochStateCallback"):
+        with pytest.raises(NotImplementedError, match=r"does not support Horovod Elastic .*gradcomp_torch.elastic"):
+            getattr(hvd.elastic, name)
+    with pytest.raises(AttributeError):
+        hvd.elastic.no_such_name
