@@ -90,6 +90,9 @@ CELLS = [
     ("pytorch_imagenet_resnet50", "mpirun", [pytest.mark.slow]),
     ("pytorch_mnist", "horovodrun", [pytest.mark.slow]),
     ("pytorch_mnist_elastic", "horovodrun-elastic", []),
+    ("pytorch_synthetic_benchmark", "mpirun", []),
+    ("pytorch_synthetic_benchmark", "horovodrun", [pytest.mark.slow]),
+    ("pytorch_synthetic_benchmark", "torchrun", [pytest.mark.slow]),
     ("tensorflow2_mnist", "mpirun", [pytest.mark.slow, pytest.mark.tf]),
     ("tensorflow2_keras_mnist", "mpirun", [pytest.mark.slow, pytest.mark.tf]),
 ]

@@ -25,6 +25,8 @@ MODES = {"none": ("", ""), "topk": ("topk:ratio=0.05", ""), "powersgd": ("powers
 REFUSED = {("tensorflow2_mnist", "localsgd"), ("ddp_comm_hook", "localsgd")}
 example, modes = sys.argv[1], sys.argv[2:] or list(MODES)
 path = os.path.join(HERE, "examples", example + ".py")
+if example == "pytorch_synthetic_benchmark":       # kept beside this driver (it also runs on Horovod itself)
+    path = os.path.join(HERE, "hvd_synthetic.py")
 is_tf = example.startswith("tensorflow")
 if is_tf:
     import gradcomp_tf as gc
