@@ -88,6 +88,7 @@ CELLS = [
     ("pytorch_imagenet_resnet50", "horovodrun", [pytest.mark.slow]),
     ("pytorch_mnist", "torchrun", [pytest.mark.slow]),
     ("pytorch_imagenet_resnet50", "mpirun", [pytest.mark.slow]),
+    ("pytorch_imagenet_resnet50", "torchrun", [pytest.mark.slow]),
     ("pytorch_mnist", "horovodrun", [pytest.mark.slow]),
     ("pytorch_mnist_elastic", "horovodrun-elastic", []),
     ("pytorch_synthetic_benchmark", "mpirun", []),
