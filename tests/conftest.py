@@ -55,6 +55,16 @@ def spec_for(name: str) -> str:
     return TEST_SPECS.get(name, name)
 
 
+def cross_backend(spec: str) -> str:
+    """`spec` with rng=counter where the compressor has private randomness: the counter stream is
+    bit-identical on every backend; the default (rng=native) is the framework's own generator."""
+    import gradcomp
+    name = spec.split(":")[0]
+    if "rng" in getattr(type(gradcomp.create(name)), "params", {}) and "rng=" not in spec:
+        spec += ("," if ":" in spec else ":") + "rng=counter"
+    return spec
+
+
 def all_specs() -> list[str]:
     return [spec_for(n) for n in COMPRESSORS] + EXTRA_SPECS
 

@@ -10,7 +10,7 @@ import pytest
 from gradcomp import rng
 from gradcomp.backend import backend_by_name
 
-from conftest import (all_specs, compress_once, f64, load, make_array, make_ctx, need_backend,
+from conftest import (all_specs, cross_backend, compress_once, f64, load, make_array, make_ctx, need_backend,
                       realistic_gradient, spec_name, to_np)
 
 NP = backend_by_name("numpy")
@@ -195,7 +195,7 @@ def test_random_streams_are_bit_identical(fw, n):
 @pytest.mark.parametrize("spec", all_specs())
 @pytest.mark.parametrize("n", [7, 3001])
 def test_every_compressor_agrees_across_backends(fw, spec, n):
-    comp = load(spec)
+    comp = load(cross_backend(spec))
     g = realistic_gradient(n, n)
     ref_ctx = make_ctx(NP, "layer", n, step=3, seed=1, size=2)
     ref_p, ref_i = compress_once(comp, g, ref_ctx)

@@ -16,6 +16,7 @@ import pytest
 import gradcomp
 from gradcomp.backend import backend_by_name
 from gradcomp.compressors.base import Ctx
+from conftest import cross_backend
 
 NP = backend_by_name("numpy")
 SPECS = ["threshold:threshold=0.5", "dgc:ratio=0.05", "qsgd", "qsgd:levels=3,bucket=16", "terngrad",
@@ -427,7 +428,7 @@ def test_backends_produce_identical_payload_bytes_and_decodes(spec, dtype):
         pytest.skip("neither torch nor tensorflow is importable")
     n = 6001                           # > 4096: DGC takes the sampled-threshold path
     x = (np.random.default_rng(4).standard_normal(n) * 0.5).astype(dtype)
-    comp = gradcomp.create(spec)
+    comp = gradcomp.create(cross_backend(spec))
     res = {}
     for bn in backends:
         b = backend_by_name(bn)
@@ -468,6 +469,7 @@ def _assert_reduced_payloads_agree(got, ref, bn):
                                   "threshold:threshold=1.0"])
 @pytest.mark.parametrize("fuse", [False, "auto"])
 def test_backends_agree_through_the_pipeline(spec, fuse):
+    spec = cross_backend(spec)
     backends = _backends()
     if len(backends) == 1:
         pytest.skip("neither torch nor tensorflow is importable")

@@ -11,7 +11,7 @@ import pytest
 import gradcomp
 from gradcomp.compressors.topk import TopKCompressor
 
-from conftest import (MEMORIES, all_specs, catching, f64, grad_array, load, make_array, need_backend, to_np,
+from conftest import (MEMORIES, all_specs, cross_backend, catching, f64, grad_array, load, make_array, need_backend, to_np,
                       world)
 
 SHAPES = {"conv": (4, 3, 3, 3), "fc": (33, 17), "bias": (17,), "scale": ()}
@@ -187,6 +187,7 @@ def test_empty_step_and_empty_tensors():
 @pytest.mark.parametrize("spec", all_specs())
 def test_framework_tensors_keep_type_dtype_and_shape_and_match_numpy(backend, spec):
     need_backend(backend)
+    spec = cross_backend(spec)
     load(spec)
     def fn(comm, be):
         sync = gradcomp.GradientSync(spec, comm=comm, seed=4)

@@ -662,7 +662,8 @@ SCALE_SUM_COMPRESSORS = {"efsignsgd", "signsgd", "signum", "onebit", "qsgd", "te
 
 
 def _spec(name):
-    return {"topk": "topk:ratio=0.1", "randomk": "randomk:ratio=0.25", "dgc": "dgc:ratio=0.1"}.get(name, name)
+    from conftest import cross_backend          # same payload bytes on TF and torch: the counter stream
+    return cross_backend({"topk": "topk:ratio=0.1", "randomk": "randomk:ratio=0.25", "dgc": "dgc:ratio=0.1"}.get(name, name))
 
 
 def _sync_steps(spec, make, grads_np, steps=2):

@@ -13,8 +13,10 @@ Payload: [bucket norms as float32, signed levels]. Levels travel as int8 when th
 2 bits per entry, s=7 is 4 bits. The norms are accumulated in the gradient's precision (float32:
 backends may differ in a norm's last bit) and the decoder uses the same float32 norms. The
 randomness is private to each rank (key "qsgd/<rank>"), reproducible per (seed, step, name);
-rng=native draws it with the framework's own seeded generator (one kernel) instead of the
-counter-based stream: still reproducible per key on one backend, but not bit-identical across them.
+By default (rng=native) it is drawn with the framework's own seeded generator (one kernel: torch's
+generator, tf.random.stateless_uniform): reproducible per key on one backend, so a resumed run repeats
+its draws, but not bit-identical across backends; rng=counter uses the counter-based stream instead
+(bit-identical on numpy, torch and TF, about 2x slower on CPU: docs/benchmarks.md part 1).
 The default bucket of 512 entries is the paper's setting (0.8% more bytes than one norm; on a
 1M-entry Gaussian the relative error drops from 2.29 with bucket=0 to 0.073); bucket=0 (one norm)
 keeps the payload minimal but its variance grows like sqrt(n)/s. Not summable (per-rank norms). No error feedback in

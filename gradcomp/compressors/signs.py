@@ -124,8 +124,8 @@ def private_uniform(ctx, purpose: str, n: int, like, dtype: str, native: bool = 
     return b.cast(u, dtype)
 
 
-RNG_PARAM = Param(str, "counter", "private random stream: counter (bit-identical on every backend) or "
-                  "native (the framework's seeded generator: faster, reproducible per backend)",
+RNG_PARAM = Param(str, "native", "private random stream: native (the framework's seeded generator: one kernel, "
+                  "reproducible per backend; the default) or counter (bit-identical on every backend, slower)",
                   choices=("counter", "native"))
 
 

@@ -11,9 +11,10 @@ c = 2.5); this shrinks s and the variance, and T is then unbiased for the clippe
 Wire: [s as float32, packbits(b), packbits(x < 0)]: 2 bits per entry plus 4 bytes (~16x).
 Not summable (per-rank scale). No error feedback in the paper: default memory none. A fused
 bucket keeps s (and sigma) per tensor by segmented reductions and sends the T scales; its
-Bernoulli draws come from the bucket's private stream. rng=native draws the uniforms with the
-framework's own seeded generator (one kernel) instead of the counter-based stream: reproducible
-per (seed, step, name, rank) on one backend, not bit-identical across backends.
+Bernoulli draws come from the bucket's private stream: by default (rng=native) the framework's own
+seeded generator (one kernel), reproducible per (seed, step, name, rank) on one backend, not
+bit-identical across backends; rng=counter: the counter-based stream (bit-identical on every backend,
+slower).
 """
 from gradcomp.compressors.base import Compressor
 from gradcomp.compressors.signs import (RNG_PARAM, compute_dtype, neg_bits, private_uniform, segmented, segs,
