@@ -224,6 +224,40 @@ def test_sampled_topk_keeps_95_percent_of_exact_magnitude(backend, ratio, seed, 
     assert passes == [1], "the sampled threshold path was not taken"
 
 
+
+@pytest.mark.parametrize("ratio,nnz", [(0.01, 3000), (0.001, 300), (0.001, 2500)])
+def test_sampled_topk_of_a_mostly_zero_tensor_is_exact_without_a_full_topk(ratio, nnz, monkeypatch):
+    """An embedding's gradient is zero outside the batch's rows: the sample's threshold is 0, and the
+    sampled path used to fall back to a full top-k over the whole tensor. It now takes the non-zero
+    entries (and, when there are fewer than k, the lowest-indexed zeros): the exact top-k's magnitude,
+    the same bytes on numpy and torch, and no full top-k."""
+    from conftest import make_array, need_backend
+    n = 1_000_000                      # large enough that ratio 0.001 takes the sampled path
+    rng = np.random.default_rng(nnz)
+    g = np.zeros(n, np.float32)
+    hot = np.sort(rng.choice(n, nnz, replace=False))
+    g[hot] = rng.standard_normal(nnz).astype(np.float32)
+    k = k_of(ratio, n)
+    payloads = []
+    for backend in ("numpy", "torch"):
+        b = need_backend(backend) if backend == "torch" else NP
+        full = []
+        monkeypatch.setattr(b, "topk_abs", lambda x, kk, f=b.topk_abs: full.append(b.numel(x)) or f(x, kk))
+        (v, i), _ = compress_once(load(f"topk:ratio={ratio},mode=sampled"), make_array(g, backend, "float32"),
+                                  make_ctx(b, "emb", n, step=3))
+        i = to_np(i).astype(np.int64)
+        assert len(i) == k and np.all(np.diff(i) > 0)
+        np.testing.assert_array_equal(to_np(v), g[i])
+        top = np.sort(np.abs(g))[::-1][:k].astype(np.float64).sum()
+        assert np.abs(g[i]).astype(np.float64).sum() == pytest.approx(top, rel=1e-6)
+        if nnz <= k:                               # every non-zero entry, then the first zeros
+            assert set(hot) <= set(i.tolist())
+            zeros = np.flatnonzero(g == 0)[:k - nnz].tolist()
+            assert sorted(set(i.tolist()) - set(hot.tolist())) == zeros
+        assert all(m < n for m in full), "a full top-k over the tensor ran"
+        payloads.append((to_np(v).tobytes(), i.astype(np.int32).tobytes()))
+    assert payloads[0] == payloads[1]
+
 # --------------------------------------------------------------------------- shared randomness
 @given(n=st.integers(1, 5000), seed=SEEDS, step=st.integers(0, 10**6), size=SIZES)
 def test_randomk_indices_are_shared_by_every_rank(n, seed, step, size):

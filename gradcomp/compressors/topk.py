@@ -14,6 +14,9 @@ mode=sampled DGC's sampled threshold (Lin et al. 2018, sec. 3.4), made exact in 
                   largest |x|, lowered by `slack` so that it almost surely undershoots it;
                3. C = {i : |x_i| >= t}, one streaming pass over x (backend `abs_ge_indices`);
                4. I = the k largest |x_C| (an exact top-k over the ~k / slack^a candidates).
+               A zero threshold (most of x exactly zero, e.g. an embedding's rows not in the batch)
+               takes the non-zero entries instead (at most 4k of them; fewer than k: the lowest-indexed
+               zeros fill up to k), still the exact top-k, without the full top-k fallback.
              I is exactly the top-k whenever |C| >= k, which the slack makes nearly certain; if the
              sample overshoots (|C| < k) or t is useless (|C| > n/4, e.g. mostly zeros) it falls back
              to the exact selection, so the payload always has exactly k entries. Cost: one read of
@@ -72,6 +75,11 @@ class TopKCompressor(SparseCompressor):
         sidx = rng.randint(b, ctx.key("topk-sample"), s, n, x)
         ks = max(1, int(round(k * s / n)))
         thr = b.cast(b.kth_largest_abs(b.gather(x, sidx), ks), b.dtype(x)) * self.slack
+        if float(b.item(thr)) == 0.0:  # most of x is zero (an embedding's rows): |x| >= 0 is all of x
+            idx = self._mostly_zero(b, x, k, n)       # (this path reads the candidates' count anyway)
+            if idx is not None:
+                return idx
+            return b.sort(b.topk_abs(x, k))
         cand = b.abs_ge_indices(x, thr)
         m = b.numel(cand)
         if m < k or 4 * m > n:         # the estimate overshot, or selects nearly everything: exact
@@ -79,6 +87,23 @@ class TopKCompressor(SparseCompressor):
         if m > k:
             cand = b.gather(cand, b.topk_abs(b.gather(x, cand), k))
         return b.sort(cand)
+
+    @staticmethod
+    def _mostly_zero(b, x, k, n):
+        """The top-k of an x with at most 4k non-zero entries (row-sparse gradients: an embedding's
+        rows not in the batch are exactly zero, so the sample's threshold is 0 and the general path
+        would fall back to a full top-k): every non-zero entry, and when there are fewer than k, the
+        lowest-indexed zeros to fill k (the same choice on every backend). None if x is not that sparse."""
+        tiny = 5e-324 if b.dtype(x) == "float64" else 1e-45        # |x| >= tiny  <=>  x != 0
+        nz = b.abs_ge_indices(x, tiny)
+        z = b.numel(nz)
+        if z > 4 * k:
+            return None
+        if z >= k:
+            return b.sort(b.gather(nz, b.topk_abs(b.gather(x, nz), k)) if z > k else nz)
+        head = b.slice(x, 0, min(n, k + z))                 # holds at least k zeros
+        zeros = b.slice(b.nonzero(b.abs(head) < tiny), 0, k - z)
+        return b.sort(b.cat([nz, zeros]))
 
     def blocks(self, n: int) -> tuple[int, int]:
         """(nb, K): blocks of `block` entries covering n entries, and blocks kept."""
