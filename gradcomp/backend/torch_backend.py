@@ -232,7 +232,11 @@ class TorchBackend(Backend):
             return torch.arange(n, device=x.device)
         return torch.topk(x.abs(), k, sorted=False).indices
     def kth_largest_abs(self, x, k):
-        return torch.kthvalue(x.abs().float(), x.numel() - k + 1).values
+        a = x.abs().float()
+        if a.device.type == "cpu" and not a.requires_grad:     # see sort(): numpy's one-thread select
+            n = a.numel()
+            return torch.tensor(np.partition(a.numpy(), n - k)[n - k])
+        return torch.kthvalue(a, x.numel() - k + 1).values
     def gather(self, x, idx): return x[idx]
     def scatter(self, n, idx, values):
         out = torch.zeros(n, dtype=values.dtype, device=values.device)
@@ -271,7 +275,14 @@ class TorchBackend(Backend):
             idx = torch.cat([idx, torch.nonzero(mask[n8:]).view(-1).add_(n8)])
         return idx
 
-    def sort(self, x): return torch.sort(x).values
+    def sort(self, x):
+        # CPU: numpy's single-threaded sort. torch's parallel CPU sort of the k indices a top-k sends
+        # (66k int64) takes 0.9 ms on one thread but 250-370 ms on two when the cores are
+        # oversubscribed (ranks x threads > cores, e.g. other jobs or several ranks per node), its
+        # thread barriers waiting for descheduled threads; numpy: 0.3 ms either way.
+        if x.device.type == "cpu" and not x.requires_grad:
+            return torch.from_numpy(np.sort(x.numpy()))
+        return torch.sort(x).values
 
     def _lengths(self, lengths, dev, dtype=torch.int64):
         # cached: a fused bucket's lengths are the same every step (no host-to-device copy per step)
