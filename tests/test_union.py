@@ -7,7 +7,8 @@ import pytest
 
 import gradcomp
 from gradcomp import traffic
-from gradcomp.compressors.scalecom import index_bytes, leader_of, pack_indices, unpack_indices
+from gradcomp.compressors.scalecom import (INDEX_CODES, code_bytes, decode_indices, encode_indices, index_bytes,
+                                          leader_of, pack_indices, resolve_code, unpack_indices)
 
 from conftest import RecordingComm, backend_available, f64, make_array, record_locals, world
 
@@ -178,6 +179,124 @@ def test_scalecom_sums_the_values_at_the_leaders_topk():
     want[idx] = np.sum([f64(x)[idx] for x, _ in res], axis=0) / size
     for _, avg in res:
         np.testing.assert_allclose(avg, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "tensorflow"])
+@pytest.mark.parametrize("n", [1, 2, 16, 255, 1000, 32768, 70000])
+def test_index_codes_round_trip_in_exactly_their_stated_bytes(backend, n):
+    if not backend_available(backend):
+        pytest.skip(f"{backend} not installed")
+    be = gradcomp.backend.backend_by_name(backend)
+    rng = np.random.default_rng(n)
+    for k in sorted({1, max(1, n // 40), max(1, n // 3), n}):
+        idx = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+        for code in INDEX_CODES + ("compact",):
+            packed = encode_indices(be, make_array(idx, backend, "int64"), n, code)
+            got = be.to_numpy(packed)
+            assert got.dtype == np.uint8 and got.size == code_bytes(n, k, code)
+            np.testing.assert_array_equal(be.to_numpy(decode_indices(be, packed, n, k, code)), idx)
+            if backend == "numpy":
+                continue
+            np.testing.assert_array_equal(got, encode_indices(NP, idx, n, code))   # same bytes as numpy
+        assert code_bytes(n, k, "compact") == min(code_bytes(n, k, c) for c in INDEX_CODES)
+        lo = int(np.floor(np.log2(n / k)))                  # (n-1) >> lo < 2k: at most lo + 3 bits per index
+        assert code_bytes(n, k, "eliasfano") <= -(-k * lo // 8) + -(-(3 * k + 1) // 8)
+
+
+def test_elias_fano_sizes_on_the_digits_cnns_largest_tensor():
+    """fc1 of the digits CNN (32768 entries) at k = 2.5%: 819 indices in 743 bytes, not 2 x 819."""
+    assert code_bytes(32768, 819, "eliasfano") == 743 and code_bytes(32768, 819, "planes") == 1638
+    assert resolve_code(32768, 819, "compact") == "eliasfano"
+    assert resolve_code(100, 90, "compact") == "bitmap" and resolve_code(144, 1, "compact") == "planes"
+
+
+@pytest.mark.parametrize("leaders", [1, 2])
+@pytest.mark.parametrize("spec", ["indices=compact,values=fp16", "indices=eliasfano", "indices=bitmap,values=bf16"])
+def test_scalecom_compact_codes_decode_to_the_sum_of_the_rounded_values(spec, leaders):
+    """Small integers (every partial sum exact in fp16 and bf16): the average is exactly the sum at
+    the leaders' top-k over P, as with the default codes; the bytes are the codes' stated sizes."""
+    n, k, size = 300, 12, 3
+    if "bf16" in spec:
+        pytest.importorskip("ml_dtypes")
+    opts = dict(o.split("=") for o in spec.split(","))
+    slots = [k // leaders + (1 if i < k % leaders else 0) for i in range(leaders)]
+    per_step = sum(code_bytes(n, s, opts.get("indices", "planes")) for s in slots) + \
+        k * (2 if "values" in opts else 4)
+
+    def fn(comm):
+        out = {}
+        for s in (f"scalecom:ratio={k / n},leaders={leaders}", f"scalecom:ratio={k / n},leaders={leaders},{spec}"):
+            sync = gradcomp.GradientSync(s, comm=comm, memory="none")
+            rng = np.random.default_rng(comm.rank)
+            x = rng.integers(-3, 4, n).astype(np.float32)
+            x[rng.choice(n, k, replace=False)] = 32.0
+            out[s] = [f64(sync.step({"w": x * 2 ** t})["w"]) for t in range(3)], sync.stats()
+        return out
+
+    for res in world(size, fn):
+        (base, bst), (got, gst) = res.values()
+        for a, b in zip(base, got):
+            np.testing.assert_array_equal(b, a)
+        assert gst["union"] == bst["union"] <= 3 * k
+        assert gst["bytes_sent"] == 3 * per_step
+
+
+def test_scalecom_fp16_values_keep_their_rounding_error_in_the_memory():
+    """Error feedback with fp16 values: each rank's residual is x minus its own fp16-rounded values
+    (sum of inputs - sum of residuals = the sum of what was sent, exactly), and the average is that
+    sum as the fp16 allreduce rounds it (relative 2^-11 per addition: not fed back)."""
+    n, k, size = 200, 20, 4
+    xs = [np.random.default_rng(r).standard_normal(n).astype(np.float32) / 3 for r in range(size)]
+
+    def fn(comm):
+        sync = gradcomp.GradientSync(f"scalecom:ratio={k / n},values=fp16,indices=compact", comm=comm,
+                                     memory="residual")
+        return f64(sync.step({"w": xs[comm.rank].copy()})["w"]), f64(sync.residual("w"))
+
+    res = world(size, fn)
+    avg = res[0][0]
+    sent = np.flatnonzero(avg)
+    assert sent.size == k
+    lead = leader_of(0, "w", size)
+    np.testing.assert_array_equal(sent, np.sort(np.argsort(-np.abs(xs[lead]))[:k]))
+    rounded = np.zeros(n)
+    rounded[sent] = np.sum([x[sent].astype(np.float16).astype(np.float64) for x in xs], 0)
+    for r, (_, resid) in enumerate(res):
+        want = f64(xs[r]).copy()
+        want[sent] -= xs[r][sent].astype(np.float16)
+        np.testing.assert_allclose(resid, want, rtol=0, atol=1e-7)        # own rounding error kept
+        assert np.any(resid[sent] != 0)
+    np.testing.assert_allclose(size * avg, rounded, rtol=2 ** -9, atol=0)
+
+
+def test_scalecom_fp16_overflow_raises_with_no_state_changed():
+    def fn(comm):
+        sync = gradcomp.GradientSync("scalecom:ratio=0.5,values=fp16", comm=comm, memory="residual")
+        with pytest.raises(gradcomp.PayloadOverflowError):
+            sync.step({"w": np.full(8, 40000.0, np.float32)})          # 2 x 40000 > 65504
+        return sync.steps, sync.residual("w")
+
+    for steps, resid in world(2, fn):
+        assert steps == 0 and (resid is None or not np.any(resid))      # the initial residual, untouched
+
+
+def test_scalecom_compact_traffic_matches_the_bytes_counted_at_the_transport():
+    """8 ranks, two tensors: payload = index code (a function of n, k) + 2 bytes per fp16 value;
+    wire = the ring allreduce of both rounds, as the transport saw it."""
+    shapes = {"w": 32768, "v": 1000}
+
+    def fn(comm):
+        rec = RecordingComm(comm)
+        sync = gradcomp.GradientSync("scalecom:ratio=0.025,values=fp16,indices=compact", comm=rec)
+        rng = np.random.default_rng(comm.rank)
+        sync.step({m: rng.standard_normal(n).astype(np.float32) for m, n in shapes.items()})
+        return sync.stats(), rec.step_traffic()
+
+    want = code_bytes(32768, 819, "eliasfano") + 2 * 819 + code_bytes(1000, 25, "compact") + 2 * 25
+    for st, seen in world(8, fn):
+        assert st["bytes_sent"] == want
+        assert st["wire_sent"] == pytest.approx(2 * 7 / 8 * want) == seen["wire_sent"]
+        assert st["union_k"] == 1.0
 
 
 # --------------------------------------------------------------------------- gtopk
