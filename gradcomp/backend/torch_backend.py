@@ -252,7 +252,7 @@ class TorchBackend(Backend):
         if m < 2:
             return torch.tensor(m, device=idx.device)
         if 8 * m <= n:              # few indices: sort them (O(m log m)), count the steps
-            s = torch.sort(idx).values
+            s = self.sort(idx)                                       # numpy on a CPU: see sort()
             return (s[1:] != s[:-1]).sum() + 1
         hit = torch.zeros(n, dtype=torch.bool, device=idx.device)     # else a bool bitmap
         hit[idx] = True
