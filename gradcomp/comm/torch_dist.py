@@ -37,6 +37,8 @@ def import_dist():
     if not dist.is_available():
         raise ImportError("this PyTorch build has no torch.distributed; install a build that has it: "
                           'pip install "gradcomp[torch]"')
+    if not dist.is_initialized():      # before any group exists: see gradcomp_torch/_pg_pin.py
+        import torch.distributed.nn.functional  # noqa: F401
     return torch, dist
 
 
