@@ -269,6 +269,40 @@ def test_scalecom_fp16_values_keep_their_rounding_error_in_the_memory():
     np.testing.assert_allclose(size * avg, rounded, rtol=2 ** -9, atol=0)
 
 
+@pytest.mark.parametrize("size", [2, 8])
+def test_scalecom_int8_values_sum_exactly_and_lose_nothing(size):
+    """values=int8: the scale s = sum_r max|x_r| / (127 - ceil(P/2)) is shared (round 1 sums the
+    maxima), every rank sends round(x_r[I] / s) as int8, and the int8 sum cannot wrap even when every
+    rank's value at an index is its maximum: the average is sum_r q_r s / P, and with residual memory
+    sum of inputs = P * average + sum of residuals (nothing dropped but float rounding)."""
+    n, k = 120, 12
+    xs = [np.random.default_rng(r).standard_normal(n).astype(np.float32) for r in range(size)]
+    for x in xs:
+        x[[7, 40]] = 50.0, -50.0                         # every rank's maximum at the same indices
+
+    def fn(comm):
+        sync = gradcomp.GradientSync(f"scalecom:ratio={k / n},values=int8,indices=compact", comm=comm,
+                                     memory="residual")
+        return f64(sync.step({"w": xs[comm.rank].copy()})["w"]), f64(sync.residual("w")), sync.stats()
+
+    res = world(size, fn)
+    avg = res[0][0]
+    lead = leader_of(0, "w", size)
+    sent = np.sort(np.argsort(-np.abs(xs[lead]))[:k])
+    assert set(np.flatnonzero(avg)) <= set(sent.tolist())   # small values may round to 0 (kept in memory)
+    levels = 127 - (size + 1) // 2
+    scale = np.float32(sum(np.abs(x).max() for x in xs)) / np.float32(levels)
+    q = [np.floor(x[sent] / scale + np.float32(0.5)) for x in xs]
+    assert np.all(np.abs(np.sum(q, 0)) <= 127)
+    np.testing.assert_allclose(avg[sent], np.sum(q, 0) * scale / size, rtol=1e-6)
+    assert avg[7] > 0 and avg[40] < 0                    # no wrap-around at the shared maxima
+    np.testing.assert_allclose(avg[[7, 40]], [50.0, -50.0], rtol=0.5 * size / levels)
+    np.testing.assert_allclose(np.sum([f64(x) for x in xs], 0) - np.sum([r for _, r, _ in res], 0), size * avg,
+                               rtol=0, atol=1e-5)
+    for _, _, st in res:                                 # indices + 4-byte max + 1 byte per value
+        assert st["bytes_sent"] == code_bytes(n, k, "compact") + 4 + k
+
+
 def test_scalecom_fp16_overflow_raises_with_no_state_changed():
     def fn(comm):
         sync = gradcomp.GradientSync("scalecom:ratio=0.5,values=fp16", comm=comm, memory="residual")
@@ -376,7 +410,9 @@ def test_lowpass_memory_filters_the_error():
 
 
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
-@pytest.mark.parametrize("spec", ["scalecom:ratio=0.1", "gtopk:ratio=0.1", "aggtopk:ratio=0.1,chunk=8"])
+@pytest.mark.parametrize("spec", ["scalecom:ratio=0.1", "gtopk:ratio=0.1", "aggtopk:ratio=0.1,chunk=8",
+                                  "scalecom:ratio=0.1,values=int8,indices=compact",
+                                  "scalecom:ratio=0.1,values=fp16,indices=compact"])
 def test_framework_backends_match_numpy_at_four_ranks(backend, spec):
     if not backend_available(backend):
         pytest.skip(f"{backend} not installed")

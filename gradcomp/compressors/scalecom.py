@@ -32,8 +32,14 @@ knows the leader's choice). `indices` picks the code (see code_bytes):
 compensated gradient's dtype, default), `fp16` or `bf16` (2 bytes per value; the allreduce sums in
 that dtype; this rank's rounding error goes into its memory, since the memory subtracts the decode of
 its own rounded values; the rounding of the sum itself, relative 2^-11 per addition in fp16, is not
-fed back, as with the `fp16` compressor). As with the `fp16` compressor, a sum beyond fp16's range becomes inf and
-GradientSync raises PayloadOverflowError with no state changed (a GradScaler then lowers its scale).
+fed back). As with the `fp16` compressor, a sum beyond fp16's range becomes inf and GradientSync raises PayloadOverflowError with no state changed (a GradScaler then lowers its scale).
+`values=int8` (OURS): 1 byte per value. Round 1 also sums every rank's a_r = max |x_r| (4 bytes per
+tensor), which gives all ranks the same scale s = sum_r a_r / L with L = 127 - ceil(P/2); each rank
+sends q_r = round(x_r[I] / s) as int8 and the allreduce sums them exactly, never wrapping:
+|sum_r q_r| <= sum_r (a_r / s + 1/2) = L + P/2 <= 127. The decode is (sum_r q_r) s. A rank's own rounding
+error (at most s/2 an entry, i.e. about a_r P / (2 L) when the ranks' maxima are alike: coarse, about 15
+levels of its largest entry per rank at P = 8) goes into its memory, so error feedback delivers it later
+and nothing but float rounding is lost; at most 252 ranks.
 Each leader encodes its own slot (leaders > 1) at a fixed byte offset. The index round is a
 broadcast carried by allreduce (what the pipeline's summable path issues); a dedicated broadcast
 would move about half as many index bytes per rank, and the traffic model
@@ -159,7 +165,13 @@ def leader_of(step: int, name: str, size: int) -> int:
     return (int(step) + zlib.crc32(name.encode())) % max(1, int(size))
 
 
-WIRE_VALUES = {"native": None, "fp16": "float16", "bf16": "bfloat16"}
+WIRE_VALUES = {"native": None, "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+
+
+def int8_levels(size: int) -> int:
+    """L for values=int8 at `size` ranks: 127 - ceil(size / 2), so that the sum of the ranks' rounded
+    values, |sum_r q_r| <= sum_r a_r / s + size / 2 = L + size / 2, never leaves int8."""
+    return 127 - (size + 1) // 2
 
 
 class ScaleComCompressor(Compressor):
@@ -202,6 +214,8 @@ class ScaleComCompressor(Compressor):
             packed = b.cat(parts) if len(parts) > 1 else mine
         else:
             packed = b.zeros(total, "uint8", x)
+        if self.values == "int8":              # every rank's max |x|, summed: the shared scale of round 2
+            return [packed, b.reshape(b.amax(b.abs(x)), (1,))], {"x": x, "k": k, "leader": lead}
         return [packed], {"x": x, "k": k, "leader": lead}
 
     def next_round(self, reduced, info, state, ctx):
@@ -220,15 +234,24 @@ class ScaleComCompressor(Compressor):
         x = info.pop("x")
         vals = b.gather(x, idx)
         wire = WIRE_VALUES[self.values]
-        if wire is not None:
+        if self.values == "int8":
+            if ctx.size > 2 * 126:
+                raise ValueError(f"scalecom values=int8 needs at most 252 ranks (the int8 sum), not {ctx.size}")
+            total = reduced[1]
+            scale = b.where(b.greater_equal(total, 1e-30), total, total * 0 + 1.0) * (1.0 / int8_levels(ctx.size))
+            info["scale"], info["dtype"] = scale, b.dtype(x)
+            vals = b.cast(b.floor(vals * (1.0 / scale) + 0.5), "int8")
+        elif wire is not None:
             info["dtype"] = b.dtype(x)
             vals = b.cast(vals, wire)
         return [vals], info
 
     def decompress(self, payload, info, ctx):
         b, v = ctx.backend, payload[0]
-        if "dtype" in info:                                 # fp16 / bf16 on the wire: back to x's dtype
+        if "dtype" in info:                                 # fp16 / bf16 / int8 on the wire: back to x's dtype
             v = b.cast(v, info["dtype"])
+        if "scale" in info:
+            v = v * info["scale"]
         return b.scatter(ctx.numel, info["idx"], v)
 
     def union(self, reduced, info, ctx):
@@ -236,5 +259,5 @@ class ScaleComCompressor(Compressor):
 
     def ratio_of(self, numel):
         k = k_of(self.ratio, numel)
-        vb = 2 if WIRE_VALUES[self.values] else 4
-        return 4 * numel / (k * vb + code_bytes(numel, k, self.indices))
+        vb = {"native": 4, "fp16": 2, "bf16": 2, "int8": 1}[self.values]
+        return 4 * numel / (k * vb + code_bytes(numel, k, self.indices) + (4 if self.values == "int8" else 0))
