@@ -43,6 +43,7 @@ def method_specs(ratio: float) -> list[tuple[str, str]]:
     return [("dense allreduce", "none"), ("local top-k (allgather)", f"topk:ratio={ratio}"),
             ("gtopk", f"gtopk:ratio={ratio}"), ("scalecom", f"scalecom:ratio={ratio}"),
             ("scalecom fp16 + compact indices", f"scalecom:ratio={ratio},values=fp16,indices=compact"),
+            ("scalecom int8 + compact indices", f"scalecom:ratio={ratio},values=int8,indices=compact"),
             ("aggtopk energy", f"aggtopk:ratio={ratio}"), ("aggtopk prev", f"aggtopk:ratio={ratio},metric=prev")]
 
 
