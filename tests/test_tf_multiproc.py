@@ -62,9 +62,14 @@ SPECS = {
 #     (59.9%), hence warmup_steps=0 here (the README's recipe for runs of a few hundred steps).
 #   aggtopk:ratio=0.25 90.3% (0.1: 81.1%, 0.5: 91.4%, with momentum): whole 256-entry chunks chosen
 #     by their summed energy, a coarser selection than element-wise top-k on these small tensors.
+#   terngrad: unbiased but high-variance ternary steps, so one seed's result depends on the draws: seeds
+#     0-4 with the default stream (rng=native) 92.2 / 96.1 / 95.8 / 92.5 / 94.2 (mean 94.2), with
+#     rng=counter 93.9 / 97.2 / 96.9 / 93.0 / 86.9 (mean 93.6), dense 95.8 / 97.5 / 96.7 / 96.4 / 95.0
+#     (mean 96.3): within 2 points of dense on average, not on every seed.
 # With SGD momentum off they do better (error feedback already acts like momentum), so they run so.
 EXCEPTIONS = {
     "aggtopk": ("aggtopk:ratio=0.25", 80.0),
+    "terngrad": ("terngrad", 88.0),
     "dgc": ("dgc:ratio=0.1,warmup_steps=0", 85.0),
     "randomk": ("randomk:ratio=0.25;--momentum=0", 60.0),
     "rbgs": ("rbgs:ratio=0.25;--momentum=0", 60.0),
