@@ -14,9 +14,11 @@ checkpoints and elastic resets are unchanged. The next step finds the views stil
 reuses the flat arrays without a copy; after `load_state_dict()` or a change of the bucket's
 membership the flat arrays are rebuilt from the per-name ones (one concatenation).
 
-`GradientSync(fuse=...)`: "auto" (default) fuses except the one-kernel casts (`none`, `fp16`,
-`bf16`) on a CPU, where concatenating costs more than the per-tensor kernels it saves (their
-collectives are fused per bucket anyway); True fuses wherever the compressor allows; False never.
+`GradientSync(fuse=...)`: "auto" (default) fuses except, on a CPU, the one-kernel casts (`none`,
+`fp16`, `bf16`) and the methods whose `cpu_fusion` is False (the sign family, onebit, natural, qsgd,
+terngrad: measured faster per tensor on an idle CPU, docs/benchmarks.md part 1), where concatenating
+costs more than the per-tensor kernels it saves (their collectives are fused per bucket anyway); True
+fuses wherever the compressor allows; False never.
 Inside a traced TF graph (gradcomp_tf) the per-name state variables are concatenated and split
 by graph ops each execution. Multi-round compressors (PowerSGD) stay per tensor.
 """
@@ -35,6 +37,12 @@ def bucket_key(names) -> str:
     return f"bucket/{len(names)}/{h}"
 
 
+def on_cpu(b, x) -> bool:
+    """Is x in host memory? ("cpu" for numpy and torch; TF names its devices ".../device:CPU:0")."""
+    d = str(b.device(x))
+    return d == "cpu" or d.upper().endswith("CPU:0") or ":CPU:" in d.upper()
+
+
 def wanted(sync, entries) -> bool:
     comp, fuse = sync.compressor, sync.fuse
     if fuse is False or comp.fusion is None or comp.rounds != 1 or not getattr(sync.memory, "fusable", False):
@@ -48,7 +56,7 @@ def wanted(sync, entries) -> bool:
     b = live[0].ctx.backend
     if b.name not in FUSING_BACKENDS:
         return False
-    if fuse == "auto" and comp.elementwise_cheap and b.device(live[0].g) == "cpu":
+    if fuse == "auto" and (comp.elementwise_cheap or not comp.cpu_fusion) and on_cpu(b, live[0].g):
         return False
     return True
 

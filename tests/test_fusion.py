@@ -125,13 +125,16 @@ def test_bucket_scope_top_k_keeps_the_largest_entries_of_the_whole_bucket():
     assert (per["small"] != 0).sum() == 20 and (per["large"] != 0).sum() == 30
 
 
-def test_auto_leaves_the_one_kernel_casts_per_tensor_on_cpu_and_fuses_the_rest():
+def test_auto_leaves_the_casts_and_the_quantizers_per_tensor_on_cpu_and_fuses_the_rest():
     s = gradcomp.GradientSync("fp16")
     e = [s._admit(k, np.ones(5, np.float32)) for k in "ab"]
     assert [len(g) for g in fusion.groups(s, e)] == [1, 1]
     s = gradcomp.GradientSync("fp16", fuse=True)
     assert [len(g) for g in fusion.groups(s, e)] == [2]
-    s = gradcomp.GradientSync("signsgd")
+    for spec in ("signsgd", "efsignsgd", "onebit", "natural", "qsgd", "terngrad"):   # faster per tensor on a CPU
+        assert [len(g) for g in fusion.groups(gradcomp.GradientSync(spec), e)] == [1, 1], spec
+        assert [len(g) for g in fusion.groups(gradcomp.GradientSync(spec, fuse=True), e)] == [2], spec
+    s = gradcomp.GradientSync("randomk:ratio=0.5")
     e.append(s._admit("empty", np.ones(0, np.float32)))
     e.append(s._admit("f64", np.ones(3, np.float64)))
     assert [len(g) for g in fusion.groups(s, e)] == [2, 1, 1]     # one group per working dtype
@@ -142,7 +145,7 @@ def test_auto_leaves_the_one_kernel_casts_per_tensor_on_cpu_and_fuses_the_rest()
 
 def test_state_is_views_of_one_buffer_between_steps_and_owns_its_memory_in_state_dict():
     torch = pytest.importorskip("torch")
-    sync = gradcomp.GradientSync("efsignsgd", memory="residual", seed=0)
+    sync = gradcomp.GradientSync("efsignsgd", memory="residual", seed=0, fuse=True)
     g = {"a": torch.randn(100), "b": torch.randn(50)}
     sync.step(g)
     ra, rb = sync.residual("a"), sync.residual("b")
@@ -152,7 +155,7 @@ def test_state_is_views_of_one_buffer_between_steps_and_owns_its_memory_in_state
     for v in sd["memory_state"].values():
         t = v["residual"]
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()       # saved alone, not the bucket
-    again = gradcomp.GradientSync("efsignsgd", memory="residual", seed=0)
+    again = gradcomp.GradientSync("efsignsgd", memory="residual", seed=0, fuse=True)
     again.load_state_dict(sd)
     np.testing.assert_array_equal(again.step(g)["a"].numpy(), sync.step(g)["a"].numpy())
 

@@ -63,6 +63,10 @@ class Compressor(Configurable):
     # the bucket as one tensor (one random draw, one selection or one projection per bucket).
     fusion = None
     elementwise_cheap = False   # one elementwise kernel per tensor: fusing buys nothing on a CPU
+    # fuse="auto" on a CPU: False where the idle one-rank benchmark (benchmarks/fused_step.py, docs part 1)
+    # measured the per-tensor path faster than the flat bucket (the concatenation and bucket-sized
+    # temporaries cost more than the per-tensor kernels save); accelerators fuse regardless.
+    cpu_fusion = True
     # Summable: decompress() returns a newly allocated array or (a view of) the reduced payload, never
     # state or an input, so the pipeline may scale the average in place (no second buffer of n).
     decodes_fresh = False

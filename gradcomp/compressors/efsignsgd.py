@@ -19,6 +19,7 @@ class EFSignSGDCompressor(Compressor):
     default_memory = "residual"
     paper = "Karimireddy et al. Error Feedback Fixes SignSGD and other Gradient Compression Schemes. ICML 2019"
     fusion = "segmented"
+    cpu_fusion = False          # per tensor is faster on a CPU (docs part 1, wave 5)
     params = {}
 
     def compress(self, x, state, ctx):

@@ -28,6 +28,7 @@ class NaturalCompressor(Compressor):
     summable = False
     default_memory = "none"
     fusion = "correct"          # elementwise; a fused bucket draws its random bits per bucket
+    cpu_fusion = False          # per tensor is faster on a CPU (docs part 1, wave 5)
     paper = "Horvath et al. Natural Compression for Distributed Deep Learning. arXiv:1905.10988"
     params = {}
 

@@ -25,6 +25,7 @@ class OneBitCompressor(Compressor):
     paper = ("Seide et al. 1-Bit Stochastic Gradient Descent and its Application to Data-Parallel "
              "Distributed Training of Speech DNNs. Interspeech 2014")
     fusion = "segmented"
+    cpu_fusion = False          # per tensor is faster on a CPU (docs part 1, wave 5)
     params = {}
 
     def compress(self, x, state, ctx):

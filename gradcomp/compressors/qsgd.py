@@ -38,6 +38,8 @@ class QSGDCompressor(Compressor):
         "rng": RNG_PARAM,
     }
 
+    cpu_fusion = False          # per tensor is faster on a CPU (docs part 1, wave 5)
+
     @property
     def fusion(self):
         """A fused bucket is quantized in `bucket`-entry chunks of the concatenation (a chunk may

@@ -164,6 +164,8 @@ class SignVoteCompressor(Compressor):
             raise ValueError(f"{self.kind} {self.name!r}: parameter scale={self.scale!r} is not valid; expected "
                              "mean or a positive number")
 
+    cpu_fusion = False          # per tensor is faster on a CPU (docs part 1, wave 5)
+
     @property
     def fusion(self):
         """Elementwise sign and vote: a fused bucket only saves pad bits; scale=mean keeps one

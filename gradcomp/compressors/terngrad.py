@@ -28,6 +28,7 @@ class TernGradCompressor(Compressor):
     default_memory = "none"
     paper = "Wen et al. TernGrad: Ternary Gradients to Reduce Communication in Distributed Deep Learning. NeurIPS 2017"
     fusion = "correct"          # per-tensor scales (segmented), but the bucket's own random draws
+    cpu_fusion = False          # per tensor is faster on a CPU (docs part 1, wave 5)
     params = {"clip": Param(float, 0.0, "clip to +-clip*std(x) first (paper: 2.5; 0 = off)", lo=0.0),
               "rng": RNG_PARAM}
 
