@@ -157,8 +157,10 @@ def run_job(cmd, timeout: float, *, env=None, cwd=None, retries: int = 1, scale:
     for attempt in range(retries + 1):
         limit = scaled_timeout(base) if scale else base
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", start_new_session=True)
+        # stdin from /dev/null: mpirun forwards its stdin to rank 0, and an inherited stdin (a caller's
+        # pipe or terminal) left the netlab launches of tests/test_benchmarks_smoke.py hanging until killed
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         try:
             out, _ = proc.communicate(timeout=limit)
             return JobResult(proc.returncode, out, time.monotonic() - t0, attempt + 1, time.time())
