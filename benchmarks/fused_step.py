@@ -74,6 +74,50 @@ def time_method(spec, grads, buckets, fuse, reps):
     return statistics.median(ts) * 1e3
 
 
+def selection_table(grads, buckets, reps, copy_ms):
+    """Issue 10's top-k target is against `torch.topk` *selection*: GRACE's torch.topk(|g|, k) + gather of
+    the values per tensor, against gradcomp's top-k compress alone (selection and packing values + int32
+    indices; no error feedback, decode or checks), per tensor (the default scope) and per bucket."""
+    from gradcomp.backend import backend_by_name
+    from gradcomp.compressors.base import Ctx
+    b, names = backend_by_name("torch"), list(grads)
+
+    def timed(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = CLOCK()
+            fn()
+            ts.append(CLOCK() - t0)
+        return statistics.median(ts) * 1e3
+
+    print("\n| selection at ratio | torch.topk + gather, per tensor ms | gradcomp compress ms (spec) | "
+          "x copy | faster than torch.topk |")
+    print("|---|---:|---|---:|---:|")
+    for ratio in (0.01, 0.001):
+        def grace():
+            for g in grads.values():
+                x = g.reshape(-1)
+                k = max(1, int(ratio * x.numel()))
+                idx = torch.topk(x.abs(), k, sorted=False).indices
+                x.gather(0, idx)
+        base = timed(grace)
+        for scope in ("tensor", "bucket"):
+            spec = f"topk:ratio={ratio},mode=sampled,scope={scope}"
+            comp = gradcomp.create(spec)
+            if scope == "tensor":
+                items = [(g.reshape(-1), Ctx(b, n, tuple(g.shape), "float32", g.numel(), 1, 1, 0, 1))
+                         for n, g in grads.items()]
+            else:
+                items = []
+                for idx in buckets:
+                    flat = torch.cat([grads[names[i]].reshape(-1) for i in idx])
+                    items.append((flat, Ctx(b, f"bucket{idx[0]}", (flat.numel(),), "float32", flat.numel(), 1, 1, 0, 1,
+                                            segments=tuple(grads[names[i]].numel() for i in idx))))
+            ms = timed(lambda: [comp.compress(x, {}, c) for x, c in items])
+            print(f"| {ratio} | {base:.1f} | {ms:.1f} ({spec}) | {ms / copy_ms:.1f} | {base / ms:.1f}x |", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="ResNet-18 and 1 repetition (CI smoke run)")
@@ -88,6 +132,8 @@ def main(argv=None) -> int:
                     help="time with the process's CPU time instead of wall time (robust to other jobs on a shared "
                          "machine; counts spinning worker threads too)")
     ap.add_argument("--fused-only", action="store_true", help="time only fuse=True (the per-tensor columns are blank)")
+    ap.add_argument("--select", action="store_true",
+                    help="also print top-k selection alone against torch.topk + gather (issue 10's top-k target)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -122,6 +168,8 @@ def main(argv=None) -> int:
         c = copy_time(flat, reps) if a.row_copy else copy_ms
         print(f"| {spec} | {t:.1f} | {t / c:.1f} | {f:.1f} | {f / c:.1f} | {t / f:.2f}x |" +
               (f" {c:.1f} |" if a.row_copy else ""), flush=True)
+    if a.select:
+        selection_table(grads, buckets, reps, copy_ms)
     return 0
 
 
