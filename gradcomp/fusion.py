@@ -37,12 +37,6 @@ def bucket_key(names) -> str:
     return f"bucket/{len(names)}/{h}"
 
 
-def on_cpu(b, x) -> bool:
-    """Is x in host memory? ("cpu" for numpy and torch; TF names its devices ".../device:CPU:0")."""
-    d = str(b.device(x))
-    return d == "cpu" or d.upper().endswith("CPU:0") or ":CPU:" in d.upper()
-
-
 def wanted(sync, entries) -> bool:
     comp, fuse = sync.compressor, sync.fuse
     if fuse is False or comp.fusion is None or comp.rounds != 1 or not getattr(sync.memory, "fusable", False):
@@ -56,7 +50,7 @@ def wanted(sync, entries) -> bool:
     b = live[0].ctx.backend
     if b.name not in FUSING_BACKENDS:
         return False
-    if fuse == "auto" and (comp.elementwise_cheap or not comp.cpu_fusion) and on_cpu(b, live[0].g):
+    if fuse == "auto" and (comp.elementwise_cheap or not comp.cpu_fusion) and b.on_host(live[0].g):
         return False
     return True
 

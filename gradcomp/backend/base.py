@@ -236,6 +236,9 @@ class Backend:
 
     # --- device --------------------------------------------------------------------------------
     def device(self, x) -> str: return "cpu"
+    def on_host(self, x) -> bool:
+        """Is x in host memory (a CPU array)? Where the CPU and accelerator defaults differ."""
+        return self.device(x) == "cpu"
     def traced(self) -> bool:
         """True while building a graph (tf.function): sizes that depend on data are unknown there,
         so algorithms must take a data-independent path."""

@@ -24,6 +24,9 @@ class TFBackend(Backend):
         d = tf.as_dtype(x.dtype)
         return _NAME.get(d) or d.name
     def device(self, x): return getattr(x, "device", "") or "cpu"
+    def on_host(self, x):                  # TF names it ".../device:CPU:0"
+        d = self.device(x).upper()
+        return d == "CPU" or ":CPU:" in d or d.endswith("CPU:0")
     def traced(self): return not tf.executing_eagerly()
 
     def zeros(self, n, dtype, like=None): return tf.zeros(n, dtype=_DT[dtype])

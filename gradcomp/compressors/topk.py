@@ -69,7 +69,7 @@ class TopKCompressor(SparseCompressor):
         """Sorted int64 indices of the k largest |x| (exact, or by the sampled threshold)."""
         b, n = ctx.backend, ctx.numel
         s = max(int(self.sample * n), (128 * n) // k, 2048)
-        mode = self.mode if self.mode != "auto" else ("sampled" if b.device(x) == "cpu" else "exact")
+        mode = self.mode if self.mode != "auto" else ("sampled" if b.on_host(x) else "exact")
         if mode == "exact" or n < 65536 or 4 * s > n or b.traced():
             return b.sort(b.topk_abs(x, k))
         sidx = rng.randint(b, ctx.key("topk-sample"), s, n, x)
