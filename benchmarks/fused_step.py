@@ -65,11 +65,16 @@ def time_method(spec, grads, buckets, fuse, reps):
             sync.start({names[i]: grads[names[i]] for i in idx})
         return sync.finish()
 
-    step()                                     # warm-up: state creation, caches
+    return median_ms(step, reps)
+
+
+def median_ms(fn, reps) -> float:
+    """Median ms of `reps` calls of fn after one warm-up call (state creation, caches)."""
+    fn()
     ts = []
     for _ in range(reps):
         t0 = CLOCK()
-        step()
+        fn()
         ts.append(CLOCK() - t0)
     return statistics.median(ts) * 1e3
 
@@ -82,15 +87,6 @@ def selection_table(grads, buckets, reps, copy_ms):
     from gradcomp.compressors.base import Ctx
     b, names = backend_by_name("torch"), list(grads)
 
-    def timed(fn):
-        fn()
-        ts = []
-        for _ in range(reps):
-            t0 = CLOCK()
-            fn()
-            ts.append(CLOCK() - t0)
-        return statistics.median(ts) * 1e3
-
     print("\n| selection at ratio | torch.topk + gather, per tensor ms | gradcomp compress ms (spec) | "
           "x copy | faster than torch.topk |")
     print("|---|---:|---|---:|---:|")
@@ -101,7 +97,7 @@ def selection_table(grads, buckets, reps, copy_ms):
                 k = max(1, int(ratio * x.numel()))
                 idx = torch.topk(x.abs(), k, sorted=False).indices
                 x.gather(0, idx)
-        base = timed(grace)
+        base = median_ms(grace, reps)
         for scope in ("tensor", "bucket"):
             spec = f"topk:ratio={ratio},mode=sampled,scope={scope}"
             comp = gradcomp.create(spec)
@@ -114,7 +110,7 @@ def selection_table(grads, buckets, reps, copy_ms):
                     flat = torch.cat([grads[names[i]].reshape(-1) for i in idx])
                     items.append((flat, Ctx(b, f"bucket{idx[0]}", (flat.numel(),), "float32", flat.numel(), 1, 1, 0, 1,
                                             segments=tuple(grads[names[i]].numel() for i in idx))))
-            ms = timed(lambda: [comp.compress(x, {}, c) for x, c in items])
+            ms = median_ms(lambda: [comp.compress(x, {}, c) for x, c in items], reps)
             print(f"| {ratio} | {base:.1f} | {ms:.1f} ({spec}) | {ms / copy_ms:.1f} | {base / ms:.1f}x |", flush=True)
 
 
