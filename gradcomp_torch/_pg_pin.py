@@ -9,9 +9,9 @@ GIL and aborts the process ("terminate called without an active exception", SIGA
 once in a few exits (found in CI: tests/test_torch_multiproc.py::test_ddp_hook_under_torchrun).
 Importing the module here, before any process group exists, binds those defaults to None instead.
 """
+from gradcomp.comm.torch_dist import import_dist
+
 try:
-    import torch.distributed as _dist
-    if _dist.is_available() and not _dist.is_initialized():
-        import torch.distributed.nn.functional  # noqa: F401
+    import_dist()            # imports torch.distributed.nn while no process group exists
 except ImportError:          # a torch build without torch.distributed: nothing to pin
     pass
