@@ -276,10 +276,9 @@ class TorchBackend(Backend):
         return idx
 
     def sort(self, x):
-        # CPU: numpy's single-threaded sort. torch's parallel CPU sort of the k indices a top-k sends
-        # (66k int64) takes 0.9 ms on one thread but 250-370 ms on two when the cores are
-        # oversubscribed (ranks x threads > cores, e.g. other jobs or several ranks per node), its
-        # thread barriers waiting for descheduled threads; numpy: 0.3 ms either way.
+        # CPU: numpy's single-threaded sort. torch's parallel CPU sort of a top-k's indices collapses
+        # when the cores are oversubscribed (ranks x threads > cores: other jobs, several ranks per
+        # node), its thread barriers waiting for descheduled threads (docs/benchmarks.md part 1).
         if x.device.type == "cpu" and not x.requires_grad:
             return torch.from_numpy(np.sort(x.numpy()))
         return torch.sort(x).values
