@@ -96,7 +96,7 @@ class HorovodCompressorBase:
         if t is None:
             return tensor, None
         b = get_backend(t)
-        if not b.is_floating(t) or b.numel(t) == 0:
+        if not b.is_floating(t) or b.numel(t) == 0 or b.numel(t) < self.compressor.dense_below:
             return t, None
         dtype, shape, n = b.dtype(t), tuple(int(d) for d in b.shape(t)), b.numel(t)
         flat = b.cast(b.flatten(t), "float64" if dtype == "float64" else "float32")

@@ -101,6 +101,7 @@ class GradientSync:
                  check_finite: bool = True, check_config: bool = True, fuse="auto"):
         self.compressor = registry.create(compressor, "compressor")
         self.memory = resolve_memory(memory, self.compressor)
+        self._dense = registry.create("none", "compressor")   # small tensors (`dense_below`, see compressor_for)
         self.comm = comm if comm is not None else SingleCommunicator()
         self.seed = check_seed(seed)
         self.check_finite, self.check_config = check_finite, check_config
@@ -169,8 +170,10 @@ class GradientSync:
         bad = None
         if self.check_finite and admitted:  # before compressing: the memory may overwrite a private g
             bad = admitted[0].ctx.backend.count_nonfinite_all([e.g for e in admitted])
-        entries = [self._fuse(grp) if len(grp) > 1 else self._compress(grp[0], donate)
-                   for grp in fusion.groups(self, admitted)]
+        small = [e for e in admitted if e.comp is self._dense]
+        entries = [self._compress(e, donate) for e in small] + \
+            [self._fuse(grp) if len(grp) > 1 else self._compress(grp[0], donate)
+             for grp in fusion.groups(self, [e for e in admitted if e.comp is not self._dense])]
         bucket = _Bucket(entries, names=[e.name for e in admitted])
         if (self.check_finite or absent is not None) and entries:
             b = entries[0].ctx.backend
@@ -210,7 +213,16 @@ class GradientSync:
             flat = b.scale_(flat, weight) if donate or not b.shares_memory(flat, g) else flat * weight
         e = _Entry(name, shape, dtype, ctx, g=flat)
         e.numel_ok, e.orig, e.work, e.members = n > 0, g, work, None
+        e.comp = self.compressor_for(n)
+        if e.comp is self._dense:
+            ctx.memo["dense"] = True    # a momentum-correcting memory keeps this tensor's momentum unmasked
         return e
+
+    def compressor_for(self, numel: int):
+        """The compressor a tensor of `numel` entries goes through: the configured one, or `none` for
+        the tensors below its `dense_below` (compressors/base.py; they join the step's dense allreduce,
+        with the configured memory)."""
+        return self._dense if numel < self.compressor.dense_below else self.compressor
 
     def _init_state(self, e):
         """Create (first sight), adopt (restored elsewhere) and rescale (new loss scale) e's state."""
@@ -218,7 +230,7 @@ class GradientSync:
         if name not in self._mem:
             self._shapes[name], self._work[name] = e.shape, e.work
             self._mem[name] = self.memory.init_state(flat, ctx)
-            self._cst[name] = self.compressor.init_state(flat, ctx)
+            self._cst[name] = e.comp.init_state(flat, ctx)
             rep = self._adopt_rep.pop(name, None)         # replicated state from load_replicated_state_dict
             if rep is not None:
                 self._mem[name] = _adopt(dict(self._mem[name], **rep[0]), flat, b)
@@ -231,7 +243,7 @@ class GradientSync:
         old = self._scale.get(name, 1.0)
         if old != scale:                # same meaning in the new units (exact for powers of two)
             self._mem[name] = _rescale(self.memory, self._mem[name], scale / old)
-            self._cst[name] = _rescale(self.compressor, self._cst[name], scale / old)
+            self._cst[name] = _rescale(e.comp, self._cst[name], scale / old)
             self._scale[name] = scale
 
     def _compress(self, e, donate=False):
@@ -247,6 +259,7 @@ class GradientSync:
         for m in members:
             self._init_state(m)
         e = fusion.fused_entry(self, members)
+        e.comp = self.compressor
         mem, cst = self._fused.flat_states(e, self._mem, self._cst)
         return self._encode(e, mem, cst, True, True)  # the flat buffer is a private copy
 
@@ -261,30 +274,36 @@ class GradientSync:
         t1 = now()
         self.timer.add("compensate", t1 - t0)
         try:
-            payload, e.info = self.compressor.compress(e.x, cst_state, ctx)
+            payload, e.info = e.comp.compress(e.x, cst_state, ctx)
         except Exception:
             # A compressor may choke on NaN/Inf (QR, log, int casts). Keep this rank's collectives in
             # step with its peers by sending the compression of zeros; finish() then raises
             # NonFiniteGradientError on every rank and commits nothing.
             if not self.check_finite or not b.item(b.count_nonfinite(e.x)):
                 raise
-            payload, e.info = self.compressor.compress(b.zeros_like(e.x), cst_state, ctx)
+            payload, e.info = e.comp.compress(b.zeros_like(e.x), cst_state, ctx)
         e.payload = _payload_list(payload)
         self.timer.add("compress", now() - t1)
         e.sent_bytes = sum(b.nbytes(p) for p in e.payload)
         # May the transport sum a payload that is the (flattened) gradient in place? Only if nothing
         # reads the gradient afterwards and it is ours: donated by the caller, or a private cast copy.
-        e.give = self._donate and self.compressor.rounds == 1 and not self.memory.reads_inputs and \
+        e.give = self._donate and e.comp.rounds == 1 and not self.memory.reads_inputs and \
             not self.memory.needs_local_decode and private
         return e
 
     def _launch(self, bucket, entries):
-        """Issue the fused collectives for the current round of `entries`."""
-        if not entries:
-            return
+        """Issue the fused collectives for the current round of `entries`: the small tensors' dense
+        allreduce (compressor_for), then the configured compressor's collectives."""
+        small = [e for e in entries if e.comp is self._dense]
+        if small:
+            self._launch_with(bucket, small, self._dense, ".dense")
+        if len(small) < len(entries):
+            self._launch_with(bucket, [e for e in entries if e.comp is not self._dense], self.compressor, "")
+
+    def _launch_with(self, bucket, entries, comp, sub):
         b = entries[0].ctx.backend
-        tag = f"step{self._step}.r{entries[0].round}"
-        if self.compressor.summable:
+        tag = f"step{self._step}.r{entries[0].round}{sub}"
+        if comp.summable:
             groups: dict[str, list] = {}
             for e in entries:
                 for i, p in enumerate(e.payload):
@@ -294,13 +313,13 @@ class GradientSync:
                 give = [e.give and b.shares_memory(p, e.g) for (e, _, _), p in zip(items, parts)]
                 h = self.comm.allreduce_group(parts, name=f"{tag}.{dt}", donate=give)
                 bucket.handles.append(("allreduce", h, [(e, i, b.numel(p)) for e, i, p in items]))
-        elif getattr(self.compressor, "exchanges", False):     # its own algorithm (gtopk's tree merge)
-            h = self.compressor.exchange(self.comm, [(e.payload, e.info, e.ctx) for e in entries], f"{tag}.tree")
+        elif getattr(comp, "exchanges", False):     # its own algorithm (gtopk's tree merge)
+            h = comp.exchange(self.comm, [(e.payload, e.info, e.ctx) for e in entries], f"{tag}.tree")
             bucket.handles.append(("exchange", h, entries))
         else:
             arrays = [(e, i, p) for e in entries for i, p in enumerate(e.payload)]
             parts = [b.to_bytes(p) for _, _, p in arrays]
-            if self.compressor.variable_size:
+            if comp.variable_size:
                 header = np.array([b.nbytes(p) for _, _, p in arrays], dtype=np.int64)
                 parts.insert(0, b.from_numpy(header.view(np.uint8), parts[0]))
                 bucket.meta += header.nbytes
@@ -368,7 +387,7 @@ class GradientSync:
             meta = sum(bk.meta for bk in buckets)
             for rnd in range(1, comp.rounds):
                 pending = _Bucket([])
-                for e in live:
+                for e in (live := [e for e in live if e.comp.rounds > rnd]):
                     e.payload, e.info = comp.next_round(e.reduced, e.info, e.cst_state, e.ctx)
                     e.payload = _payload_list(e.payload)
                     e.sent_bytes += sum(e.ctx.backend.nbytes(p) for p in e.payload)
@@ -386,6 +405,7 @@ class GradientSync:
                     if not e.numel_ok:
                         out[e.name] = b.reshape(b.cast(e.g, e.dtype), e.shape)
                         continue
+                    comp = e.comp
                     t0 = now()
                     if comp.summable:
                         avg = comp.decompress(e.reduced, e.info, e.ctx)
@@ -413,7 +433,7 @@ class GradientSync:
                     else:                       # a member no rank had: None, its state untouched
                         out.update({k: None if k in nobody else v for k, v in fusion.split_output(e, avg).items()})
             flushed = self._add_flushed(out) if self._flushed else ()
-            if self.check_finite and not (comp.lossless and self.comm.size == 1 and not flushed):
+            if self.check_finite and not (self.compressor.lossless and self.comm.size == 1 and not flushed):
                 self._check_outputs(out)        # else: the checked input
         except BaseException:
             for bk in buckets:
@@ -421,13 +441,13 @@ class GradientSync:
             raise
         self._stats["bytes_meta"] += meta
         for e in skipped:                   # sent, though nobody had a gradient: the traffic counts
-            traffic.account(self._stats, comp, e, self._union_pending)
+            traffic.account(self._stats, e.comp, e, self._union_pending)
         for e, mem, cst in commits:
             if e.members is None:
                 self._mem[e.name], self._cst[e.name] = mem, cst
             else:
                 self._fused.commit(e, mem, cst, self._mem, self._cst, keep=nobody)
-            traffic.account(self._stats, comp, e, self._union_pending)
+            traffic.account(self._stats, e.comp, e, self._union_pending)
         for n in flushed:
             self._flushed.pop(n, None)
         self._step += 1

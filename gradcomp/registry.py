@@ -96,7 +96,14 @@ def create(spec, kind: str = "compressor", **overrides):
     name, kwargs = parse_spec(spec)
     kwargs.update(overrides)
     warmup = kwargs.pop("warmup", None) if kind == "compressor" else None
+    small = kwargs.pop("dense_below", None) if kind == "compressor" else None
     obj = lookup(kind, name)(**kwargs)
+    if small is not None:                       # small tensors dense (compressors/base.py, pipeline.py)
+        from gradcomp.params import Param
+        small = Param(int, 0, lo=0).check(f"compressor {name!r}", "dense_below", small)
+        if small:
+            obj.dense_below = small
+            obj.config = dict(obj.config, dense_below=small)
     if warmup is not None:                      # dense warm-up of any lossy compressor (compressors/warmup.py)
         from gradcomp.compressors.warmup import DenseWarmup
         from gradcomp.params import Param

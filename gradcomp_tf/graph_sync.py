@@ -143,7 +143,7 @@ class GraphRunner:
             mem = gs._mem.get(name)
             cst = gs._cst.get(name)
             mem = gs.memory.init_state(flat, ctx) if mem is None else mem
-            cst = gs.compressor.init_state(flat, ctx) if cst is None else cst
+            cst = gs.compressor_for(n).init_state(flat, ctx) if cst is None else cst
             mv = {k: self._var(name, "mem", k, v) for k, v in mem.items()}
             cv = {k: self._var(name, "cst", k, v) for k, v in cst.items()}
         self.vars[name] = (mv, cv)

@@ -70,6 +70,10 @@ class Compressor(Configurable):
     # Summable: decompress() returns a newly allocated array or (a view of) the reduced payload, never
     # state or an input, so the pipeline may scale the average in place (no second buffer of n).
     decodes_fresh = False
+    # `dense_below=N` in a compressor's spec (registry.create; 0 = off): GradientSync sends the tensors
+    # with fewer than N entries uncompressed, in one fused allreduce per bucket beside this compressor's
+    # collectives, with the same memory (compressor_for in gradcomp/pipeline.py).
+    dense_below = 0
 
     def init_state(self, x, ctx: Ctx) -> dict:
         """Persistent per-tensor state (plain arrays), created on first sight of the tensor."""

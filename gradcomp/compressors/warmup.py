@@ -44,6 +44,10 @@ class DenseWarmup(Compressor):
         return getattr(self.inner, key)
 
     @property
+    def dense_below(self):                   # small tensors dense (registry.create sets it on the inner one)
+        return self.inner.dense_below
+
+    @property
     def replicated_state(self):              # state classes (gradcomp/state.py): the inner compressor's
         return self.inner.replicated_state
 
