@@ -18,6 +18,7 @@ _GATHER = -0x7FBFDFEFF7FBFDFF         # 0x8040201008040201 as a signed int64 (wr
 _LITTLE = sys.byteorder == "little"
 _HCHUNK = 1 << 15                     # int64 elements per chunk of the counter hash (256 KiB; at
                                       # torch's grain size, so each op runs on one thread, no barrier)
+_HCHUNK32 = 1 << 17                  # int32 elements per chunk of the int32 counter hash (512 KiB)
 _UNPACK: dict = {}                    # device -> int32 (256, 8) bits of each byte, MSB first
 
 
@@ -27,6 +28,12 @@ def x_is_cuda(x) -> bool:
 
 def torch_dtype(name: str):
     return _DT[name]
+
+
+def _s32(v: int) -> int:
+    """v mod 2**32 as a signed int32 value (the same 32 bits)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 class TorchBackend(Backend):
@@ -138,16 +145,44 @@ class TorchBackend(Backend):
     def counter_bits(self, k1, k2, n, like, offset, c1, c2, drop):
         """hash_u32's stream >> drop (drop >= 1) as int32, without a full-size int64 array."""
         out = torch.empty(n, dtype=torch.int32, device=like.device)
-        self._counter(k1, k2, n, like, offset, c1, c2, out,
-                      lambda o, x: o.copy_(torch.bitwise_right_shift(x, drop, out=x)))
+        self._counter32(k1, k2, n, like, offset, c1, c2, drop, out)
         return out
 
     def counter_uniform(self, k1, k2, n, like, offset, c1, c2):
         """gradcomp.rng.uniform's float32 values, bit for bit, without a full-size int64 array."""
         out = torch.empty(n, dtype=torch.float32, device=like.device)
-        self._counter(k1, k2, n, like, offset, c1, c2, out,
-                      lambda o, x: o.copy_(torch.bitwise_right_shift(x, 8, out=x)))
+        self._counter32(k1, k2, n, like, offset, c1, c2, 8, out)
         return out.mul_(1.0 / 16777216.0)               # 24-bit integers times 2**-24: exact
+
+    def _counter32(self, k1, k2, n, like, offset, c1, c2, drop, out):
+        """hash_u32's stream >> drop written into out (int32 or float32), computed in int32: the
+        mixer's products mod 2**32 are int32's wrapping products, and a logical shift of the
+        uint32 bits is the arithmetic shift masked to its low 32 - s bits. Same bits as _counter
+        (tests/test_counter32.py), half the memory traffic of its int64 chunks."""
+        dev = like.device
+        step = _HCHUNK32 if dev.type == "cpu" else max(n, 1)
+        x32 = out.dtype == torch.int32
+        tmp = torch.empty(min(step, n), dtype=torch.int32, device=dev)
+        buf = None if x32 else torch.empty(min(step, n), dtype=torch.int32, device=dev)
+        c1s, c2s, k2s = _s32(c1), _s32(c2), _s32(k2)
+
+        def mix(x, t):
+            x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF))
+            x.mul_(c1s)
+            x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=t).bitwise_and_(0x1FFFF))
+            x.mul_(c2s)
+            x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF))
+
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            x, t = (out[s:e] if x32 else buf[:e - s]), tmp[:e - s]
+            torch.arange(e - s, dtype=torch.int32, out=x).add_(_s32(s + offset + k1))
+            mix(x, t)
+            x.bitwise_xor_(k2s)
+            mix(x, t)
+            x.bitwise_right_shift_(drop).bitwise_and_((1 << (32 - drop)) - 1)
+            if not x32:
+                out[s:e].copy_(x)
 
     def _counter(self, k1, k2, n, like, offset, c1, c2, out, emit):
         dev = like.device
