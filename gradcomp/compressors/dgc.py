@@ -8,7 +8,8 @@ Selection: the top-k of |v| (v = the memory's accumulated velocity) found with T
 sampled-threshold mode: sample entries with the shared stream, take the matching quantile of the
 sample as a threshold (times `slack`), keep the candidates above it and finish with an exact
 top-k on them (exact top-k fallback if too few pass). The indices are sorted, so the payload
-(values, int32 indices) is canonical and backend-independent.
+(values, int32 indices) is canonical and backend-independent. `values` and `indices` (OURS) are
+topk's wire formats (gradcomp/compressors/sparse.py); the dense 1-D tensors stay in x's dtype.
 
 Warm-up ("exponentially increase sparsity", Sec. 3.3), with d0 = max(init_ratio, ratio),
 r = ratio, W = warmup_steps, S = stages:
@@ -55,6 +56,8 @@ class DGCCompressor(TopKCompressor):
         "dense_1d": Param(bool, True, "send tensors with <= 1 dimension dense (biases, norm vectors)"),
         "sample": TopKCompressor.params["sample"],
         "slack": TopKCompressor.params["slack"],
+        "values": TopKCompressor.params["values"],
+        "indices": TopKCompressor.params["indices"],
     }
 
     def density(self, step: int) -> float:

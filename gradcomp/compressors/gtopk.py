@@ -79,7 +79,7 @@ class GTopKCompressor(TopKCompressor):
     paper = ("Shi et al. A Distributed Synchronous SGD Algorithm with Global Top-k Sparsification for Low "
              "Bandwidth Networks. ICDCS 2019")
     block = 1                       # TopKCompressor's block size: gtopk merges single entries
-    params = {**{k: v for k, v in TopKCompressor.params.items() if k != "block"},
+    params = {**{k: v for k, v in TopKCompressor.params.items() if k not in ("block", "values", "indices")},
               "merge": Param(str, "tree", "tree: the paper's pairwise merge (O(k log P)); allgather: exact "
                              "global top-k of the allgathered local top-k (O(k P))", choices=("tree", "allgather"))}
 

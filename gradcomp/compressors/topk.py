@@ -38,11 +38,18 @@ block=B > 1  block top-k (ours, after the row sparsity of embedding and softmax 
               times as many entries as entry top-k (B = 64: 1.97x), chosen in blocks. `ratio` stays the
               fraction of entries kept, so 100x fewer bytes is ratio = 1 / (100 (1 + 1/B)). With B equal
               to an embedding's row length a block is one word's row. block=1 is entry top-k.
+values=fp16|bf16, indices=planes|eliasfano|bitmap|compact (OURS, entry top-k only): the wire formats
+              of gradcomp/compressors/sparse.py (2-byte values; scalecom's index codes), defaults
+              native (x's dtype, int32 indices). At 2-byte values and compact indices (about 1 byte
+              per index at k/n ~ 1%) an entry costs about 3 bytes instead of 8, so the same bytes
+              carry about 2.6x as many entries; with fp16/bf16 values the residual keeps the rounding
+              error (error feedback subtracts the decode of the rounded values).
 Indices are sent sorted (ascending): the payload bytes are the same on every backend.
 Not summable (each rank picks its own indices): payloads are allgathered.
 """
 from gradcomp import rng
-from gradcomp.compressors.sparse import SparseCompressor, index_dtype, k_of
+from gradcomp.compressors.sparse import (INDEX_FORMATS, WIRE_VALUES, SparseCompressor, index_dtype,
+                                         index_nbytes, k_of, value_bytes)
 from gradcomp.params import Param
 
 
@@ -59,6 +66,10 @@ class TopKCompressor(SparseCompressor):
         "scope": Param(str, "tensor", "top-k per tensor, or over each fused bucket", choices=("tensor", "bucket")),
         "block": Param(int, 1, "entries per selected block (1: entries; B > 1: blocks of B contiguous entries "
                        "by energy, one index per block)", lo=1),
+        "values": Param(str, "native", "dtype of the sent values (native: the gradient's; OURS)",
+                        choices=tuple(WIRE_VALUES)),
+        "indices": Param(str, "native", "index format (native: int32; else scalecom's codes, compact: the "
+                         "smallest for n, k; OURS)", choices=INDEX_FORMATS),
     }
 
     @property
@@ -112,6 +123,8 @@ class TopKCompressor(SparseCompressor):
 
     def compress(self, x, state, ctx):
         if self.block > 1:
+            if self.values != "native" or self.indices != "native":
+                raise ValueError("topk: values= and indices= apply to entry top-k (block=1) only")
             return self.compress_blocks(x, ctx), None
         k = k_of(self.ratio, ctx.numel)
         return self.pack(x, self.select(x, k, ctx), ctx), None
@@ -172,4 +185,5 @@ class TopKCompressor(SparseCompressor):
         if self.block > 1:
             _, keep = self.blocks(numel)
             return 4 * numel / (4 * keep * (self.block + 1))
-        return 4 * numel / (k_of(self.ratio, numel) * 8)
+        k = k_of(self.ratio, numel)
+        return 4 * numel / (k * value_bytes(self.values) + index_nbytes(numel, k, self.indices))

@@ -99,4 +99,6 @@ class DGCMemory(MomentumOwner, Memory):
         if idx is not None:
             return {"momentum": b.zero_at(u, idx) if mask_u else u, "residual": b.zero_at(x, idx)}
         keep = 1 - b.cast(b.abs(local) > 0, b.dtype(x))
-        return {"momentum": u * keep if mask_u else u, "residual": x * keep}
+        # x - local: x * keep when the sent values are x's own, and with rounded values on the wire
+        # (topk/dgc values=fp16) the residual keeps the rounding error
+        return {"momentum": u * keep if mask_u else u, "residual": x - local}
