@@ -33,7 +33,7 @@ def _index_bytes(spec, n, k):
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("comp", ["topk", "dgc"])
+@pytest.mark.parametrize("comp", ["topk", "dgc", "gtopk", "gtopk:merge=allgather"])
 def test_wire_formats_aggregate_exactly_and_send_the_stated_bytes(comp, spec, backend):
     """Every rank's payload decodes to its own (index, value) pairs: the average equals the native
     format's, with and without error feedback, and bytes_sent is k * value bytes + the index code."""
@@ -43,7 +43,8 @@ def test_wire_formats_aggregate_exactly_and_send_the_stated_bytes(comp, spec, ba
         pytest.importorskip("ml_dtypes")
     shape, k, size = (20, 15), 12, 3
     n = shape[0] * shape[1]
-    base = f"{comp}:ratio={k / n}" + (",warmup_steps=0" if comp == "dgc" else "")
+    base = (comp + ("," if ":" in comp else ":") + f"ratio={k / n}" +
+            (",warmup_steps=0" if comp == "dgc" else ""))
     memory = "residual"
 
     def fn(comm):
@@ -64,7 +65,11 @@ def test_wire_formats_aggregate_exactly_and_send_the_stated_bytes(comp, spec, ba
             np.testing.assert_array_equal(v, u)
         np.testing.assert_array_equal(bres, ares)
         assert bst["union"] == ast["union"]
-        assert bst["bytes_sent"] == 3 * per_step
+        if comp != "gtopk":                   # the tree's messages: compared with the native ones below
+            assert bst["bytes_sent"] == 3 * per_step
+        else:                                 # same messages, each k * value bytes + the index code
+            native = k * 4 + 4 * k
+            assert bst["bytes_sent"] * native == ast["bytes_sent"] * per_step
         c = gradcomp.create(f"{base},{spec}", "compressor")
         assert c.ratio_of(n) == pytest.approx(4 * n / per_step)
 
@@ -121,8 +126,32 @@ def test_defaults_are_the_native_formats():
     assert (c.values, c.indices) == ("native", "native") and c.ratio_of(10000) == 50.0
     g = gradcomp.create("gtopk:ratio=0.01", "compressor")
     assert (g.values, g.indices) == ("native", "native")
-    with pytest.raises(Exception):
-        gradcomp.create("gtopk:ratio=0.01,values=fp16", "compressor")
     with pytest.raises(ValueError):
         c = gradcomp.create("topk:ratio=0.1,block=4,values=fp16", "compressor")
         gradcomp.GradientSync(c, comm=None).step({"w": np.ones(64, np.float32)})
+
+
+@pytest.mark.parametrize("merge", ["tree", "allgather"])
+def test_gtopk_fp16_keeps_each_ranks_rounding_error_in_its_residual(merge):
+    """2 ranks: the global selection G is summed from the ranks' fp16 values; a rank's residual is x
+    minus its fp16 value where its entry reached G, x elsewhere, so inputs = P * average + residuals."""
+    n, k, size = 200, 20, 2
+    xs = [np.random.default_rng(r).standard_normal(n).astype(np.float32) / 3 for r in range(size)]
+
+    def fn(comm):
+        sync = gradcomp.GradientSync(f"gtopk:ratio={k / n},merge={merge},values=fp16,indices=compact",
+                                     comm=comm, memory="residual")
+        return f64(sync.step({"w": xs[comm.rank].copy()})["w"]), f64(sync.residual("w"))
+
+    res = world(size, fn)
+    avg = res[0][0]
+    g = np.flatnonzero(avg)
+    assert g.size == k
+    for r, (_, resid) in enumerate(res):
+        mine = np.intersect1d(np.argsort(-np.abs(xs[r]))[:k], g)
+        want = f64(xs[r]).copy()
+        want[mine] -= xs[r][mine].astype(np.float16)
+        np.testing.assert_allclose(resid, want, rtol=0, atol=1e-7)
+        assert np.any(resid[mine] != 0)
+    np.testing.assert_allclose(np.sum([f64(x) for x in xs], 0) - np.sum([r for _, r in res], 0), size * avg,
+                               rtol=0, atol=1e-6)

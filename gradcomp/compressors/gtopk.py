@@ -31,11 +31,18 @@ the index is in G). With `residual` memory everything else it selected stays in 
 Contract for drivers other than GradientSync: run `exchange` (tree) or `aggregate` of the
 allgathered payloads (the exact global top-k, whatever `merge` says) before decoding this rank's own
 payload (the survival recorded there restricts the local decode).
+
+`values` and `indices` (OURS): topk's wire formats (gradcomp/compressors/sparse.py) for the local
+payloads and every tree message: values cast to fp16 / bf16 for the wire and merged in x's dtype,
+indices in scalecom's codes (k is fixed, so every message's size is known). A rank's own rounding
+error stays in its residual (its own decode is its rounded values at the surviving indices); the
+rounding of the merged sums on later levels is not fed back.
 """
 from __future__ import annotations
 
 from gradcomp.comm.base import DoneHandle, Handle
-from gradcomp.compressors.sparse import index_dtype, k_of
+from gradcomp.compressors.scalecom import decode_indices, encode_indices
+from gradcomp.compressors.sparse import WIRE_VALUES, index_dtype, index_nbytes, k_of
 from gradcomp.compressors.topk import TopKCompressor
 from gradcomp.params import Param
 from gradcomp.traffic import ring_allgather
@@ -79,7 +86,7 @@ class GTopKCompressor(TopKCompressor):
     paper = ("Shi et al. A Distributed Synchronous SGD Algorithm with Global Top-k Sparsification for Low "
              "Bandwidth Networks. ICDCS 2019")
     block = 1                       # TopKCompressor's block size: gtopk merges single entries
-    params = {**{k: v for k, v in TopKCompressor.params.items() if k not in ("block", "values", "indices")},
+    params = {**{k: v for k, v in TopKCompressor.params.items() if k != "block"},
               "merge": Param(str, "tree", "tree: the paper's pairwise merge (O(k log P)); allgather: exact "
                              "global top-k of the allgathered local top-k (O(k P))", choices=("tree", "allgather"))}
 
@@ -101,8 +108,8 @@ class GTopKCompressor(TopKCompressor):
         b, n = ctx.backend, ctx.numel
         if info.get("merged"):               # after exchange(): gathered is the merged result G
             return b.scatter(n, b.cast(gathered[1], "int64"), gathered[0]) * (1.0 / ctx.size)
-        vals = b.cat([p[0] for p in gathered])
-        idx = b.cast(b.cat([p[1] for p in gathered]), "int64")
+        vals = self.payload_values(b.cat([p[0] for p in gathered]), ctx)
+        idx = b.cat([self.payload_indices(p, ctx) for p in gathered])
         total = b.scatter_add(n, idx, vals)
         # Exact ties (e.g. two ranks' entries of equal size) go to the lower index on every backend: a
         # ramp of relative size < 1e-12 (far below float32's 6e-8 spacing) orders equal magnitudes only.
@@ -129,22 +136,27 @@ class GTopKCompressor(TopKCompressor):
         extra = P - m
         b = entries[0][2].backend
         sets, own, alive, ealive, eown = [], [], [], [None] * len(entries), [None] * len(entries)
+        wire = WIRE_VALUES[self.values]
         for payload, info, ctx in entries:
-            idx = b.cast(payload[1], "int64")
-            sets.append((payload[0], idx))
+            idx = self.payload_indices(payload, ctx)
+            sets.append((self.payload_values(payload[0], ctx), idx))     # fp16 on the wire: merged in x's dtype
             own.append(idx)
-            alive.append(b.zeros(b.numel(idx), "float32", payload[0]) + 1.0)
+            alive.append(b.zeros(b.numel(idx), "float32", sets[-1][0]) + 1.0)
             info["wire"] = [0, 0]
-        meta = [(ctx.numel, info["k"], b.dtype(p[0])) for p, info, ctx in entries]
+        meta = [(ctx.numel, info["k"], b.dtype(v)) for (v, _), (_, info, ctx) in zip(sets, entries)]
 
         def nbytes(flags=False):
-            return [k * (b.nbytes(b.zeros(1, dt, sets[0][0])) + (4 if index_dtype(n) == "int32" else 8)) +
+            return [k * (b.nbytes(b.zeros(1, wire or dt, sets[0][0]))) + index_nbytes(n, k, self.indices) +
                     (k if flags else 0) for n, k, dt in meta]
 
         def pack(cur, flags=None):
             parts = []
             for j, ((v, i), (n, _, _)) in enumerate(zip(cur, meta)):
-                parts += [b.to_bytes(v), b.to_bytes(b.cast(i, index_dtype(n)))]
+                if self.indices == "native":
+                    code = b.to_bytes(b.cast(i, index_dtype(n)))
+                else:
+                    code = encode_indices(b, i, n, self.indices)
+                parts += [b.to_bytes(b.cast(v, wire) if wire else v), code]
                 if flags is not None:
                     parts.append(b.to_bytes(b.cast(flags[j], "uint8")))
             return b.cat(parts)
@@ -152,10 +164,14 @@ class GTopKCompressor(TopKCompressor):
         def unpack(buf, flags=False):
             out, fl, off = [], [], 0
             for n, k, dt in meta:
-                vb = b.nbytes(b.zeros(k, dt, sets[0][0]))
-                ib = k * (4 if index_dtype(n) == "int32" else 8)
-                v = b.from_bytes(b.slice(buf, off, off + vb), dt, (-1,))
-                i = b.cast(b.from_bytes(b.slice(buf, off + vb, off + vb + ib), index_dtype(n), (-1,)), "int64")
+                vb = b.nbytes(b.zeros(k, wire or dt, sets[0][0]))
+                ib = index_nbytes(n, k, self.indices)
+                v = b.from_bytes(b.slice(buf, off, off + vb), wire or dt, (-1,))
+                v = b.cast(v, dt) if wire else v
+                if self.indices == "native":
+                    i = b.cast(b.from_bytes(b.slice(buf, off + vb, off + vb + ib), index_dtype(n), (-1,)), "int64")
+                else:
+                    i = decode_indices(b, b.slice(buf, off + vb, off + vb + ib), n, k, self.indices)
                 off += vb + ib
                 if flags:
                     fl.append(b.cast(b.slice(buf, off, off + k), "float32"))
