@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     if what == "recipes":
         from gradcomp import recipes
         print(recipes.table())
+        print()
+        print(recipes.lm_table())
         return 0
     if what == "check" and len(argv) == 2:
         print(registry.create(argv[1]))

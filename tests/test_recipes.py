@@ -59,6 +59,7 @@ def test_ci_recipes_exist_and_the_readme_states_the_same_table():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     assert recipes.table() in readme, "README's recipe table is stale: paste `python -m gradcomp recipes`"
+    assert recipes.lm_table() in readme, "README's LM recipe table is stale: paste `python -m gradcomp recipes`"
 
 
 @pytest.mark.timeout(900)
