@@ -62,6 +62,8 @@ LM_RECIPES: tuple[Recipe, ...] = (
     Recipe("topk", "topk:ratio=0.0132,values=fp16,indices=compact", lr=0.05,
            note="100.2x; sparse methods under Adam want a higher lr than dense"),
     Recipe("scalecom", "scalecom:ratio=0.0132,values=fp16,indices=compact", lr=0.05, note="100.2x"),
+    Recipe("gtopk", "gtopk:ratio=0.0132,values=fp16,indices=compact", lr=0.04,
+           note="100.2x; lr 0.05 broke on one of four seeds"),
     Recipe("dgc", "dgc:ratio=0.0057,warmup_steps=0,values=fp16,indices=compact", "residual", lr=0.06,
            note="100.1x (1-D tensors dense); the dgc memory is SGD's, so Adam needs memory residual; seed 0 only so far"),
 )
