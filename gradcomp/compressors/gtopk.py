@@ -41,7 +41,6 @@ rounding of the merged sums on later levels is not fed back.
 from __future__ import annotations
 
 from gradcomp.comm.base import DoneHandle, Handle
-from gradcomp.compressors.scalecom import decode_indices, encode_indices
 from gradcomp.compressors.sparse import WIRE_VALUES, index_dtype, index_nbytes, k_of
 from gradcomp.compressors.topk import TopKCompressor
 from gradcomp.params import Param
@@ -152,11 +151,7 @@ class GTopKCompressor(TopKCompressor):
         def pack(cur, flags=None):
             parts = []
             for j, ((v, i), (n, _, _)) in enumerate(zip(cur, meta)):
-                if self.indices == "native":
-                    code = b.to_bytes(b.cast(i, index_dtype(n)))
-                else:
-                    code = encode_indices(b, i, n, self.indices)
-                parts += [b.to_bytes(b.cast(v, wire) if wire else v), code]
+                parts += [b.to_bytes(b.cast(v, wire) if wire else v), b.to_bytes(self.encode_idx(b, i, n))]
                 if flags is not None:
                     parts.append(b.to_bytes(b.cast(flags[j], "uint8")))
             return b.cat(parts)
@@ -168,10 +163,9 @@ class GTopKCompressor(TopKCompressor):
                 ib = index_nbytes(n, k, self.indices)
                 v = b.from_bytes(b.slice(buf, off, off + vb), wire or dt, (-1,))
                 v = b.cast(v, dt) if wire else v
-                if self.indices == "native":
-                    i = b.cast(b.from_bytes(b.slice(buf, off + vb, off + vb + ib), index_dtype(n), (-1,)), "int64")
-                else:
-                    i = decode_indices(b, b.slice(buf, off + vb, off + vb + ib), n, k, self.indices)
+                code = b.slice(buf, off + vb, off + vb + ib)
+                i = self.decode_idx(b, b.from_bytes(code, index_dtype(n), (-1,)) if self.indices == "native"
+                                    else code, n, k)
                 off += vb + ib
                 if flags:
                     fl.append(b.cast(b.slice(buf, off, off + k), "float32"))

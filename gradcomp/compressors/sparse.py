@@ -64,26 +64,32 @@ class SparseCompressor(Compressor):
         else:                                 # the own decode is the rounded values: no masking shortcut
             ctx.memo.pop("sent_idx", None)
             ctx.memo.pop("own_idx", None)
-            ctx.memo["value_dtype"] = b.dtype(x)
             vals = b.cast(vals, wire)
+        return [vals, self.encode_idx(b, idx, ctx.numel)]
+
+    def encode_idx(self, b, idx, n: int):
+        """Sorted int64 indices below n -> their wire array in this compressor's `indices` format."""
         if self.indices == "native":
-            return [vals, b.cast(idx, index_dtype(ctx.numel))]
+            return b.cast(idx, index_dtype(n))
         from gradcomp.compressors.scalecom import encode_indices
-        return [vals, encode_indices(b, idx, ctx.numel, self.indices)]
+        return encode_indices(b, idx, n, self.indices)
+
+    def decode_idx(self, b, wire, n: int, k: int):
+        """Inverse of encode_idx for k indices: int64."""
+        if self.indices == "native":
+            return b.cast(wire, "int64")
+        from gradcomp.compressors.scalecom import decode_indices
+        return decode_indices(b, wire, n, k, self.indices)
 
     def payload_indices(self, p, ctx):
         """int64 indices of one rank's payload [values, indices]."""
-        b = ctx.backend
-        if self.indices == "native":
-            return b.cast(p[1], "int64")
-        from gradcomp.compressors.scalecom import decode_indices
-        return decode_indices(b, p[1], ctx.numel, b.numel(p[0]), self.indices)
+        return self.decode_idx(ctx.backend, p[1], ctx.numel, ctx.backend.numel(p[0]))
 
     def payload_values(self, v, ctx):
-        """One payload's values in the gradient's dtype (fp16 / bf16 on the wire: cast back)."""
+        """One payload's values in the working dtype (fp16 / bf16 on the wire: cast back)."""
         if WIRE_VALUES[self.values] is None:
             return v
-        return ctx.backend.cast(v, ctx.memo.get("value_dtype", "float32"))
+        return ctx.backend.cast(v, "float64" if ctx.dtype == "float64" else "float32")
 
     def decompress(self, payload, info, ctx):
         b = ctx.backend
