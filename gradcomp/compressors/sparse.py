@@ -83,7 +83,8 @@ class SparseCompressor(Compressor):
 
     def payload_indices(self, p, ctx):
         """int64 indices of one rank's payload [values, indices]."""
-        return self.decode_idx(ctx.backend, p[1], ctx.numel, ctx.backend.numel(p[0]))
+        b = ctx.backend       # k is the values' count; native indices need none (variable-size payloads traced in TF)
+        return self.decode_idx(b, p[1], ctx.numel, None if self.indices == "native" else b.numel(p[0]))
 
     def payload_values(self, v, ctx):
         """One payload's values in the working dtype (fp16 / bf16 on the wire: cast back)."""
